@@ -1,0 +1,198 @@
+"""``sparsify()``: the one-call entry point."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from sparsetorch import _distributed
+from sparsetorch.distributions import allocate
+from sparsetorch.policies.base import Policy, make_policy
+from sparsetorch.schedule import Schedule
+from sparsetorch.sparsifier import Sparsifier
+from sparsetorch.topology import Topology, named_tensors, select_tensors
+
+__all__ = ["sparsify"]
+
+
+def sparsify(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    policy: str | Policy = "rigl",
+    sparsity: float = 0.9,
+    distribution: str | Mapping[str, float] = "erk",
+    total_steps: int | None = None,
+    update_interval: int = 100,
+    drop_fraction: float = 0.3,
+    drop_schedule: str = "cosine",
+    begin_step: int = 0,
+    end_step: int | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    grow_init: str | float = "zeros",
+    seed: int = 0,
+) -> Sparsifier:
+    r"""Make ``model`` sparse in place and return the handle that trains its topology.
+
+    Every selected weight gets a :class:`~sparsetorch.MaskParametrization` with a
+    random mask holding exactly ``round((1 - s) * numel)`` active weights, where
+    ``s`` is the tensor's share of ``sparsity`` under ``distribution``. With an
+    optimizer, the topology updates inside ``optimizer.step()`` every
+    ``update_interval`` steps in ``[begin_step, end_step)``: the training loop
+    does not change. Parameters keep their identity, so an optimizer built before
+    ``sparsify`` stays valid, and ``model.state_dict()`` keeps the dense keys.
+
+    Args:
+        model: the model to sparsify, changed in place.
+        optimizer: the optimizer of ``model``. Its steps are counted and its
+            state is reset where masks change. Default: ``None`` (call
+            ``sparsifier.step()`` after each optimizer step yourself).
+        policy: ``"rigl"``, ``"set"``, ``"static"`` or a
+            :class:`~sparsetorch.policies.Policy`. Default: ``"rigl"``.
+        sparsity: fraction of zeros over all selected weights, in ``[0, 1)``.
+            Unused when ``distribution`` is a dict. Default: ``0.9``.
+        distribution: ``"uniform"``, ``"er"``, ``"erk"`` or a dict
+            ``{tensor_fqn: sparsity}`` naming exactly the selected tensors.
+            Default: ``"erk"``.
+        total_steps: optimizer steps in the whole run; ``end_step`` defaults to
+            ``int(0.75 * total_steps)``. Default: ``None``.
+        update_interval: optimizer steps between updates. Default: ``100``.
+        drop_fraction: fraction of active weights dropped at ``begin_step``.
+            Default: ``0.3``.
+        drop_schedule: ``"cosine"``, ``"linear"`` or ``"constant"``.
+            Default: ``"cosine"``.
+        begin_step: first step that may update. Default: ``0``.
+        end_step: no update at or after this step. Default: ``None``.
+        include: fnmatch globs over ``tensor_fqn`` selecting the tensors.
+            Default: ``None`` (the weights of ``nn.Linear`` and ``nn.Conv*``).
+        exclude: fnmatch globs removed from the selection. Default: ``None``.
+        grow_init: value of newly grown weights: ``"zeros"`` or a float.
+            Default: ``"zeros"``.
+        seed: seed of the generator drawing initial masks, ties and random
+            growth. Default: ``0``.
+
+    Returns:
+        The :class:`~sparsetorch.Sparsifier`.
+
+    Raises:
+        ValueError: a value is out of range, a name is unknown, nothing is
+            selected, or a dynamic policy has neither ``total_steps`` nor
+            ``end_step``. The model is left unchanged.
+        TypeError: an argument has the wrong type. The model is left unchanged.
+
+    Example::
+
+        >>> import torch
+        >>> import sparsetorch as st
+        >>> model = torch.nn.Sequential(
+        ...     torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> sparsifier = st.sparsify(model, opt, sparsity=0.75, total_steps=100,
+        ...                          update_interval=10, distribution="uniform")
+        >>> for _ in range(10):
+        ...     opt.zero_grad()
+        ...     model(torch.randn(4, 8)).sum().backward()
+        ...     opt.step()
+        >>> sparsifier.update_count
+        1
+        >>> print(sparsifier.summary())
+        tensor    shape    target  actual     active      numel
+        0.weight  (16, 8)  0.7500  0.7500         32        128
+        2.weight  (2, 16)  0.7500  0.7500          8         32
+        total              0.7500  0.7500         40        160
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            "optimizer must be a torch.optim.Optimizer or None, got "
+            f"{type(optimizer).__name__}."
+        )
+    _check_sparsity(sparsity)
+    policy = make_policy(policy)
+    grow_value = _grow_value(grow_init)
+    for name, value in (("total_steps", total_steps), ("seed", seed)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int)
+        ):
+            raise TypeError(f"{name} must be an int, got {value!r}.")
+    if total_steps is not None and total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}.")
+    if end_step is None and total_steps is not None:
+        end_step = int(0.75 * total_steps)
+    if policy.dynamic and end_step is None:
+        raise ValueError(
+            f"policy {type(policy).__name__} updates the topology, so it needs to "
+            "know when to stop.\nPass total_steps=len(loader) * epochs (end_step "
+            "defaults to 75% of it), or end_step=."
+        )
+    schedule = Schedule(
+        update_interval=update_interval,
+        begin_step=begin_step,
+        end_step=end_step if policy.dynamic else None,
+        drop_fraction=drop_fraction,
+        drop_schedule=drop_schedule,
+    )
+    fqns = select_tensors(model, include, exclude)
+    tensors = dict(named_tensors(model))
+    shapes = {fqn: tuple(tensors[fqn].shape) for fqn in fqns}
+    sparsities = allocate(shapes, sparsity, distribution)
+    if optimizer is not None:
+        _check_optimizer_holds(optimizer, {fqn: tensors[fqn] for fqn in fqns})
+
+    generator = torch.Generator().manual_seed(seed)
+    topology = Topology(model, sparsities, generator)
+    _distributed.broadcast_(list(topology.masks.values()))
+    state = generator.get_state()
+    _distributed.broadcast_([state])
+    generator.set_state(state)
+    topology.apply_masks(optimizer)
+    overall = sparsity
+    if not isinstance(distribution, str):
+        numel = {fqn: math.prod(shape) for fqn, shape in shapes.items()}
+        overall = sum(sparsities[f] * numel[f] for f in fqns) / sum(numel.values())
+    return Sparsifier(
+        topology,
+        policy,
+        schedule,
+        optimizer=optimizer,
+        generator=generator,
+        sparsity=overall,
+        grow_init=grow_value,
+    )
+
+
+def _check_sparsity(sparsity: object) -> None:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"sparsity must be a float, got {sparsity!r}.")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(
+            f"sparsity must be in [0, 1), got {sparsity!r}.\n"
+            "It is the fraction of zeros: 0.9 keeps 10% of the weights."
+        )
+
+
+def _grow_value(grow_init: object) -> float:
+    if grow_init == "zeros":
+        return 0.0
+    if isinstance(grow_init, bool) or not isinstance(grow_init, (int, float)):
+        raise ValueError(f"Unknown grow_init {grow_init!r}: pass 'zeros' or a float.")
+    if not math.isfinite(grow_init):
+        raise ValueError(f"grow_init must be finite, got {grow_init!r}.")
+    return float(grow_init)
+
+
+def _check_optimizer_holds(
+    optimizer: torch.optim.Optimizer, params: Mapping[str, torch.Tensor]
+) -> None:
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [fqn for fqn, p in params.items() if id(p) not in held]
+    if missing:
+        raise ValueError(
+            f"The optimizer does not hold the parameters {missing}.\n"
+            "Pass the optimizer built over model.parameters()."
+        )

@@ -1,0 +1,171 @@
+"""The mask parametrization registered on every sparsified weight."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["MaskParametrization"]
+
+
+class MaskParametrization(nn.Module):
+    r"""Keep a weight exactly zero outside a boolean mask.
+
+    Registered with :func:`torch.nn.utils.parametrize.register_parametrization` on
+    the weight it masks. The stored parameter (``parametrizations.weight.original``)
+    is kept zero outside the mask by every path that writes it through
+    sparsetorch (sparsifying, every topology update, loading a state dict), so the
+    forward hands the stored tensor through unchanged: no second weight-sized
+    tensor is made. The gradient is masked in place right after it is accumulated
+    into ``original.grad``, so optimizers, gradient clipping and DDP only ever see
+    the masked gradient.
+
+    While :attr:`capturing` is set, the *dense* gradient (the gradient with respect
+    to the effective weight, before masking) is also summed into
+    :attr:`dense_grad`, over all backward passes of one optimizer step. RigL grows
+    where it is largest. The sum restarts whenever ``original.grad`` was reset
+    since the last capture (``zero_grad()``, or a step that a
+    :class:`torch.amp.GradScaler` skipped), so it always matches the gradient the
+    optimizer is about to use.
+
+    Args:
+        mask: boolean tensor of the weight's shape; ``True`` marks active weights.
+
+    Example::
+
+        >>> import torch
+        >>> from torch.nn.utils import parametrize
+        >>> layer = torch.nn.Linear(3, 2)
+        >>> mask = torch.tensor([[True, False, True], [False, True, False]])
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.mul_(mask)
+        >>> p = MaskParametrization(mask)
+        >>> _ = parametrize.register_parametrization(layer, "weight", p)
+        >>> p.attach(layer.parametrizations.weight.original)
+        >>> layer(torch.ones(1, 3)).sum().backward()
+        >>> layer.parametrizations.weight.original.grad
+        tensor([[1., 0., 1.],
+                [0., 1., 0.]])
+    """
+
+    mask: Tensor
+
+    def __init__(self, mask: Tensor) -> None:
+        super().__init__()
+        if mask.dtype != torch.bool:
+            raise TypeError(
+                f"MaskParametrization needs a torch.bool mask, got {mask.dtype}.\n"
+                "Pass `mask.bool()`."
+            )
+        self.register_buffer("mask", mask, persistent=False)
+        self.capturing = False
+        self.accumulate_across_steps = False
+        self.dense_grad: Tensor | None = None
+        self.stale = False
+        self._param: weakref.ReferenceType[Tensor] | None = None
+        self._handles: list[RemovableHandle] = []
+        self._grad_token: tuple[weakref.ReferenceType[Tensor], int] | None = None
+
+    def forward(self, X: Tensor) -> Tensor:
+        if self.stale:
+            # A state dict was loaded since the masks were last applied.
+            with torch.no_grad():
+                X.mul_(self.mask)
+            self.stale = False
+        if not torch.compiler.is_compiling() and (
+            self._param is None or self._param() is not X
+        ):
+            # A deep copy made new parameters: follow them.
+            self.attach(X)
+        return X
+
+    def attach(self, param: Tensor) -> None:
+        """Install the gradient hooks on ``param``, the stored weight.
+
+        Called once when sparsifying; the forward calls it again by itself when it
+        meets a new stored tensor (after :func:`copy.deepcopy`, say).
+        """
+        self.detach()
+        self._param = weakref.ref(param)
+        if param.requires_grad:
+            ref = weakref.ref(self)
+            self._handles = [
+                param.register_hook(_CaptureHook(ref)),  # type: ignore[no-untyped-call]
+                param.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
+                    _MaskGradHook(ref)
+                ),
+            ]
+
+    def detach(self) -> None:
+        """Remove the gradient hooks installed by :meth:`attach`."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._param = None
+        self.release()
+
+    def release(self) -> None:
+        """Drop the captured dense gradient."""
+        self.dense_grad = None
+        self._grad_token = None
+
+    def extra_repr(self) -> str:
+        active = int(self.mask.sum())
+        return f"shape={tuple(self.mask.shape)}, active={active}/{self.mask.numel()}"
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> MaskParametrization:
+        replica = MaskParametrization(self.mask.clone())
+        memo[id(self)] = replica
+        replica.stale = self.stale
+        replica.training = self.training
+        return replica
+
+
+class _CaptureHook:
+    """Tensor hook on the stored weight: sums the dense gradient while capturing."""
+
+    def __init__(self, owner: weakref.ReferenceType[MaskParametrization]) -> None:
+        self.owner = owner
+
+    def __call__(self, grad: Tensor) -> None:
+        owner = self.owner()
+        if owner is None or not owner.capturing or owner._param is None:
+            return
+        param = owner._param()
+        current = None if param is None else param.grad
+        token = owner._grad_token
+        fresh = owner.dense_grad is None or (
+            not owner.accumulate_across_steps
+            and (
+                current is None
+                or token is None
+                or token[0]() is not current
+                or token[1] != current._version
+            )
+        )
+        with torch.no_grad():
+            if fresh:
+                owner.dense_grad = grad.detach().clone()
+            else:
+                assert owner.dense_grad is not None
+                owner.dense_grad.add_(grad)
+
+
+class _MaskGradHook:
+    """Post-accumulate-grad hook on the stored weight: masks ``.grad`` in place."""
+
+    def __init__(self, owner: weakref.ReferenceType[MaskParametrization]) -> None:
+        self.owner = owner
+
+    def __call__(self, param: Tensor) -> None:
+        owner = self.owner()
+        if owner is None or param.grad is None:
+            return
+        with torch.no_grad():
+            param.grad.mul_(owner.mask)
+        if owner.capturing:
+            owner._grad_token = (weakref.ref(param.grad), param.grad._version)

@@ -1,0 +1,23 @@
+"""Grow/drop policies: which weights an update drops and which it grows."""
+
+from sparsetorch.policies.base import (
+    POLICIES,
+    Policy,
+    make_policy,
+    register_policy,
+    update_mask,
+)
+from sparsetorch.policies.rigl import RigL
+from sparsetorch.policies.set import SET
+from sparsetorch.policies.static import Static
+
+__all__ = [
+    "POLICIES",
+    "SET",
+    "Policy",
+    "RigL",
+    "Static",
+    "make_policy",
+    "register_policy",
+    "update_mask",
+]

@@ -1,0 +1,339 @@
+"""Sparsifier: counts optimizer steps and runs topology updates on schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sparsetorch import _distributed
+from sparsetorch.policies.base import Policy, update_mask
+from sparsetorch.schedule import Schedule
+from sparsetorch.topology import Topology
+
+__all__ = ["Sparsifier"]
+
+FORMAT_VERSION = 1
+
+
+class Sparsifier:
+    """The handle returned by :func:`sparsetorch.sparsify`.
+
+    Counts optimizer steps ``k = 1, 2, ...`` (through a step post-hook on the
+    optimizer, or through :meth:`step` when there is none) and, after every step
+    the :class:`~sparsetorch.Schedule` marks, updates each mask with the policy:
+    ``int(n_active * drop_fraction_at(k))`` weights are dropped and as many grown.
+    Dropped and grown positions start from zero in the stored weight (grown ones
+    at ``grow_init``) and in every optimizer state tensor.
+
+    Args:
+        topology: the masked tensors.
+        policy: decides what to drop and grow.
+        schedule: decides when, and how much.
+        optimizer: the optimizer training the model; its state is reset where
+            masks change and its steps are counted. Default: ``None`` (count
+            with :meth:`step`).
+        generator: CPU generator for updates (its state is checkpointed).
+        sparsity: the requested overall sparsity, for the summary.
+        grow_init: value of newly grown weights. Default: ``0.0``.
+        count_optimizer_steps: count steps through the optimizer's step
+            post-hook. Default: ``True`` when an optimizer is given.
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        policy: Policy,
+        schedule: Schedule,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        generator: torch.Generator,
+        sparsity: float,
+        grow_init: float = 0.0,
+        count_optimizer_steps: bool | None = None,
+    ) -> None:
+        self.topology = topology
+        self.policy = policy
+        self.schedule = schedule
+        self.optimizer = optimizer
+        self.generator = generator
+        self.sparsity = sparsity
+        self.grow_init = grow_init
+        self.step_count = 0
+        self.update_count = 0
+        self.capture_steps = 1
+        self._hook = None
+        if count_optimizer_steps is None:
+            count_optimizer_steps = optimizer is not None
+        if count_optimizer_steps:
+            if optimizer is None:
+                raise ValueError("count_optimizer_steps=True needs an optimizer.")
+            self._hook = optimizer.register_step_post_hook(self._on_optimizer_step)
+        self._arm()
+
+    # -- stepping -----------------------------------------------------------------
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """``tensor_fqn -> mask``: the live bool buffers (read them, don't write)."""
+        return self.topology.masks
+
+    def step(self) -> bool:
+        """Count one optimizer step; update the topology if the schedule says so.
+
+        Called for you after every ``optimizer.step()`` when ``sparsify`` was
+        given the optimizer; call it yourself otherwise.
+
+        Returns:
+            Whether the topology was updated.
+        """
+        self.step_count += 1
+        updated = False
+        if self.policy.dynamic and self.schedule.is_update_step(self.step_count):
+            updated = self.update()
+        self._arm()
+        return updated
+
+    def _on_optimizer_step(
+        self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
+    ) -> None:
+        self.step()
+
+    def _arm(self) -> None:
+        """Capture dense gradients only in the backward passes before an update.
+
+        That is the next step's, or the next ``capture_steps`` steps' when
+        gradients are summed over several steps (``RigLScheduler``'s
+        ``grad_accumulation_n``).
+        """
+        capture = (
+            self.policy.dynamic
+            and self.policy.needs_grad
+            and any(
+                self.schedule.is_update_step(self.step_count + i)
+                for i in range(1, self.capture_steps + 1)
+            )
+        )
+        for p in self.topology.parametrizations.values():
+            if p.capturing and not capture:
+                p.release()
+            p.capturing = capture
+            p.accumulate_across_steps = self.capture_steps > 1
+
+    @torch.no_grad()
+    def update(self) -> bool:
+        """Run one topology update now, with the drop fraction of the current step.
+
+        Returns:
+            ``False`` when the update was skipped because a weight or gradient
+            was NaN or infinite (a warning says which); ``True`` otherwise.
+        """
+        fraction = self.schedule.drop_fraction_at(self.step_count)
+        weights = self.topology.params
+        grads = {
+            fqn: p.dense_grad if self.policy.needs_grad else None
+            for fqn, p in self.topology.parametrizations.items()
+        }
+        _distributed.average_([g for g in grads.values() if g is not None])
+        new_masks = {}
+        try:
+            for fqn, mask in self.masks.items():
+                n_active = int(mask.sum())
+                n_drop = int(n_active * fraction)
+                if n_drop == 0 or n_active == mask.numel():
+                    continue
+                new_masks[fqn] = update_mask(
+                    self.policy, weights[fqn], mask, grads[fqn], n_drop, self.generator
+                )
+        except FloatingPointError as error:
+            warnings.warn(
+                f"Skipped the topology update at step {self.step_count}: {error}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return False
+        finally:
+            for p in self.topology.parametrizations.values():
+                p.release()
+        self.topology.apply(new_masks, self.optimizer, self.grow_init)
+        self.update_count += 1
+        return True
+
+    # -- checkpoints --------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data and tensors: loads with ``torch.load(..., weights_only=True)``.
+
+        Holds the masks, the step and update counts, the generator state, and the
+        settings (policy, schedule, per-tensor sparsity) for checking on load.
+        """
+        return {
+            "format_version": FORMAT_VERSION,
+            "step": self.step_count,
+            "updates": self.update_count,
+            "generator": self.generator.get_state(),
+            "masks": {fqn: m.clone() for fqn, m in self.masks.items()},
+            "settings": self._settings(),
+        }
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "policy": type(self.policy).__name__,
+            "policy_fields": dataclasses.asdict(self.policy),
+            "schedule": dataclasses.asdict(self.schedule),
+            "sparsities": self.topology.sparsities,
+            "grow_init": self.grow_init,
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore masks, step count and generator state from :meth:`state_dict`.
+
+        The stored weights are re-masked with the loaded masks and the
+        optimizer state is zeroed outside them. Model, optimizer and sparsifier
+        state dicts may be loaded in any order before the next step.
+
+        Raises:
+            ValueError: the checkpoint is from another format version, another
+                model, or other settings.
+            TypeError: a mask is not a bool tensor.
+        """
+        version = state_dict.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"Unsupported sparsifier checkpoint format_version {version!r}; "
+                f"this sparsetorch reads version {FORMAT_VERSION}."
+            )
+        masks = state_dict["masks"]
+        mine = self.masks
+        if set(masks) != set(mine):
+            raise ValueError(
+                "The checkpoint's tensors do not match this sparsifier's.\n"
+                f"missing from the checkpoint: {sorted(set(mine) - set(masks))}\n"
+                f"unexpected in the checkpoint: {sorted(set(masks) - set(mine))}"
+            )
+        targets = self.topology.targets
+        for fqn, mask in masks.items():
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+                raise TypeError(
+                    f"Mask {fqn!r} in the checkpoint must be a bool tensor, got "
+                    f"{getattr(mask, 'dtype', type(mask).__name__)}."
+                )
+            if mask.shape != mine[fqn].shape:
+                raise ValueError(
+                    f"Mask {fqn!r} has shape {tuple(mask.shape)} in the checkpoint "
+                    f"but the weight has shape {tuple(mine[fqn].shape)}."
+                )
+            if int(mask.sum()) != targets[fqn]:
+                raise ValueError(
+                    f"Mask {fqn!r} has {int(mask.sum())} active weights in the "
+                    f"checkpoint, but this sparsifier targets {targets[fqn]}.\n"
+                    "Build the sparsifier with the checkpoint's sparsity and "
+                    "distribution."
+                )
+        settings = state_dict["settings"]
+        mismatched = sorted(
+            key
+            for key, value in self._settings().items()
+            if not _same(settings.get(key), value)
+        )
+        if mismatched:
+            lines = "\n".join(
+                f"{key}: checkpoint {settings.get(key)!r}, "
+                f"this sparsifier {self._settings()[key]!r}"
+                for key in mismatched
+            )
+            raise ValueError(
+                "The checkpoint was made with other settings:\n"
+                f"{lines}\nBuild the sparsifier with the checkpoint's settings."
+            )
+        with torch.no_grad():
+            for fqn, mask in masks.items():
+                mine[fqn].copy_(mask)
+        self.topology.apply_masks(self.optimizer)
+        self.generator.set_state(state_dict["generator"])
+        self.step_count = int(state_dict["step"])
+        self.update_count = int(state_dict["updates"])
+        self._arm()
+
+    # -- lifecycle and display ----------------------------------------------------
+
+    def remove(self) -> None:
+        """Bake the masks into the weights and remove every parametrization and hook.
+
+        The model becomes a plain model with zeros, whose parameters are the same
+        objects the optimizer holds. The sparsifier cannot be used afterwards.
+        """
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.topology.remove()
+
+    def next_update_step(self) -> int | None:
+        """The first step after the current one whose update is scheduled."""
+        s = self.schedule
+        if not self.policy.dynamic or s.end_step is None:
+            return None
+        k = max(self.step_count + 1, s.begin_step)
+        k = math.ceil(k / s.update_interval) * s.update_interval
+        return k if k < s.end_step else None
+
+    def summary(self) -> str:
+        """A table, one line per tensor: shape, target and actual sparsity, counts."""
+        rows = []
+        total_active = total_numel = 0
+        sparsities = self.topology.sparsities
+        for fqn, mask in self.masks.items():
+            active, numel = int(mask.sum()), mask.numel()
+            total_active += active
+            total_numel += numel
+            shape = "(" + ", ".join(str(d) for d in mask.shape) + ")"
+            rows.append(
+                (fqn, shape, sparsities[fqn], 1 - active / numel, active, numel)
+            )
+        rows.append(
+            (
+                "total",
+                "",
+                self.sparsity,
+                1 - total_active / total_numel,
+                total_active,
+                total_numel,
+            )
+        )
+        width = max(len("tensor"), *(len(r[0]) for r in rows))
+        swidth = max(len("shape"), *(len(r[1]) for r in rows))
+        lines = [
+            f"{'tensor':<{width}}  {'shape':<{swidth}}  target  actual"
+            "     active      numel"
+        ]
+        for fqn, shape, target, actual, active, numel in rows:
+            lines.append(
+                f"{fqn:<{width}}  {shape:<{swidth}}  {target:.4f}  {actual:.4f}"
+                f"  {active:>9}  {numel:>9}"
+            )
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        nxt = self.next_update_step()
+        return (
+            f"Sparsifier(policy={self.policy!r}, step={self.step_count}, "
+            f"updates={self.update_count}, next_update="
+            f"{'none' if nxt is None else nxt})\n{self.summary()}"
+        )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return (
+            isinstance(a, (int, float))
+            and isinstance(b, (int, float))
+            and (math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12))
+        )
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return bool(a == b)

@@ -1,0 +1,411 @@
+"""Topology: the masked tensors of one model, addressed by ``tensor_fqn``."""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from sparsetorch.distributions import active_count
+from sparsetorch.parametrization import MaskParametrization
+
+__all__ = ["DEFAULT_MODULE_TYPES", "Topology", "named_tensors", "select_tensors"]
+
+DEFAULT_MODULE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+
+def _split(tensor_fqn: str) -> tuple[str, str]:
+    module_fqn, _, tensor_name = tensor_fqn.rpartition(".")
+    return module_fqn, tensor_name
+
+
+def named_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """``(tensor_fqn, tensor)`` of every parameter under its dense name.
+
+    A parametrized tensor is listed under ``module_fqn.tensor_name``, as in the
+    dense model's state dict, with its stored (original) value.
+    """
+    for module_fqn, module in model.named_modules():
+        prefix = f"{module_fqn}." if module_fqn else ""
+        for name, tensor in module._parameters.items():
+            if tensor is not None:
+                yield prefix + name, tensor
+        if parametrize.is_parametrized(module):
+            for name, plist in module.parametrizations.items():
+                yield prefix + name, plist.original
+
+
+def select_tensors(
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> list[str]:
+    """The ``tensor_fqn`` of every tensor to sparsify, in model order.
+
+    By default: the ``weight`` of every ``nn.Linear``, ``nn.Conv{1,2,3}d`` and
+    ``nn.ConvTranspose{1,2,3}d``; biases, norms and embeddings stay dense.
+
+    Args:
+        model: the model.
+        include: fnmatch globs over ``tensor_fqn``; when given, the selection is
+            every parameter matching one of them (any module type).
+        exclude: fnmatch globs over ``tensor_fqn`` removed from the selection;
+            exclude wins over include.
+
+    Raises:
+        ValueError: a glob matches no tensor, or nothing is selected.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> select_tensors(model)
+        ['0.weight', '2.weight']
+        >>> select_tensors(model, exclude=["2.*"])
+        ['0.weight']
+    """
+    for name, globs in (("include", include), ("exclude", exclude)):
+        if globs is not None and (
+            isinstance(globs, str) or not all(isinstance(g, str) for g in globs)
+        ):
+            raise TypeError(
+                f"{name} must be a list of glob strings, got {globs!r}.\n"
+                f'Example: {name}=["encoder.*.weight"].'
+            )
+    tensors = dict(named_tensors(model))
+    if include is None:
+        selected = [
+            f"{module_fqn}.weight" if module_fqn else "weight"
+            for module_fqn, module in model.named_modules()
+            if isinstance(module, DEFAULT_MODULE_TYPES)
+            and isinstance(getattr(module, "weight", None), Tensor)
+        ]
+    else:
+        selected = [
+            fqn for fqn in tensors if any(fnmatch.fnmatchcase(fqn, g) for g in include)
+        ]
+    for name, globs in (("include", include), ("exclude", exclude)):
+        for glob in globs or ():
+            if not any(fnmatch.fnmatchcase(fqn, glob) for fqn in tensors):
+                raise ValueError(
+                    f"{name} glob {glob!r} matches no tensor of the model.\n"
+                    f"tensors: {sorted(tensors)}"
+                )
+    selected = [
+        fqn
+        for fqn in selected
+        if not any(fnmatch.fnmatchcase(fqn, g) for g in exclude or ())
+    ]
+    if not selected:
+        raise ValueError(
+            "Nothing to sparsify: no tensor is selected.\n"
+            f"tensors: {sorted(tensors)}\n"
+            "By default the weights of nn.Linear and nn.Conv* layers are selected; "
+            'pass include=["..."] to choose tensors by name.'
+        )
+    return selected
+
+
+@dataclass(eq=False)
+class _Entry:
+    module: nn.Module
+    tensor_name: str
+    parametrization: MaskParametrization
+    sparsity: float
+    target: int
+
+    @property
+    def param(self) -> nn.Parameter:
+        original = _plist(self.module, self.tensor_name).original
+        assert isinstance(original, nn.Parameter)
+        return original
+
+    @property
+    def mask(self) -> Tensor:
+        return self.parametrization.mask
+
+
+class Topology:
+    """The masks of one model: registration, updates, checkpoints.
+
+    Registers a :class:`~sparsetorch.MaskParametrization` on every tensor of
+    ``sparsities``, draws its initial random mask with exactly
+    ``active_count(numel, sparsity)`` active weights, and zeroes the stored weight
+    outside it. ``model.state_dict()`` keeps the dense model's keys, in the same
+    order: the parametrized keys are renamed back by state-dict hooks.
+
+    Args:
+        model: the model, changed in place.
+        sparsities: ``tensor_fqn -> sparsity``.
+        generator: CPU generator for the initial masks.
+
+    Raises:
+        ValueError: a tensor is missing, already sparsified, or shared.
+        TypeError: a tensor is not a floating-point ``nn.Parameter``.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> topology = Topology(model, {"0.weight": 0.75}, torch.Generator())
+        >>> int(topology.masks["0.weight"].sum()), list(model.state_dict())
+        (4, ['0.weight', '0.bias'])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sparsities: Mapping[str, float],
+        generator: torch.Generator,
+    ) -> None:
+        self.model = model
+        modules = dict(model.named_modules())
+        seen: dict[int, str] = {}
+        for fqn in sparsities:
+            module_fqn, name = _split(fqn)
+            module = modules.get(module_fqn)
+            if module is None:
+                raise ValueError(f"The model has no module {module_fqn!r} ({fqn!r}).")
+            if parametrize.is_parametrized(module, name):
+                if any(
+                    isinstance(p, MaskParametrization) for p in _plist(module, name)
+                ):
+                    raise ValueError(
+                        f"{fqn!r} is already sparsified: a model can be sparsified "
+                        "once.\nCall sparsifier.remove() first, or keep using the "
+                        "existing sparsifier."
+                    )
+                raise ValueError(
+                    f"{fqn!r} already has a parametrization; sparsetorch must be the "
+                    "only one."
+                )
+            tensor = module._parameters.get(name)
+            if not isinstance(tensor, nn.Parameter):
+                raise TypeError(
+                    f"{fqn!r} must be an nn.Parameter to be sparsified, got "
+                    f"{type(getattr(module, name, None)).__name__}."
+                )
+            if not tensor.is_floating_point():
+                raise TypeError(
+                    f"{fqn!r} has dtype {tensor.dtype}; only floating-point "
+                    "parameters can be sparsified."
+                )
+            if id(tensor) in seen:
+                raise ValueError(
+                    f"{fqn!r} and {seen[id(tensor)]!r} are the same parameter (tied "
+                    "weights).\nSelect only one of them: exclude=[...]."
+                )
+            seen[id(tensor)] = fqn
+
+        # Everything is checked: from here on the model changes.
+        dense_order = {
+            module_fqn: list(modules[module_fqn].state_dict(keep_vars=True))
+            for module_fqn in {_split(fqn)[0] for fqn in sparsities}
+        }
+        self._entries: dict[str, _Entry] = {}
+        self._handles: list[Any] = []
+        for fqn, sparsity in sparsities.items():
+            module_fqn, name = _split(fqn)
+            module = modules[module_fqn]
+            weight = module._parameters[name]
+            assert weight is not None
+            target = active_count(weight.numel(), sparsity)
+            perm = torch.randperm(weight.numel(), generator=generator)
+            mask = torch.zeros(weight.numel(), dtype=torch.bool)
+            mask[perm[:target]] = True
+            mask = mask.view(weight.shape).to(weight.device)
+            with torch.no_grad():
+                weight.mul_(mask)
+            p = MaskParametrization(mask)
+            parametrize.register_parametrization(module, name, p)
+            p.attach(_plist(module, name).original)
+            self._entries[fqn] = _Entry(module, name, p, sparsity, target)
+        for module_fqn, order in dense_order.items():
+            module = modules[module_fqn]
+            names = [
+                _split(fqn)[1] for fqn in sparsities if _split(fqn)[0] == module_fqn
+            ]
+            self._handles += [
+                module.register_state_dict_post_hook(
+                    functools.partial(_rename_on_save, names=names, order=order)
+                ),
+                module.register_load_state_dict_pre_hook(
+                    functools.partial(_rename_on_load, names=names)
+                ),
+                module.register_load_state_dict_post_hook(
+                    functools.partial(_mark_stale, names=names)
+                ),
+            ]
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """``tensor_fqn -> mask``: the live bool buffers, not copies."""
+        return {fqn: e.mask for fqn, e in self._entries.items()}
+
+    @property
+    def params(self) -> dict[str, nn.Parameter]:
+        """``tensor_fqn -> stored parameter`` (``parametrizations.<name>.original``)."""
+        return {fqn: e.param for fqn, e in self._entries.items()}
+
+    @property
+    def parametrizations(self) -> dict[str, MaskParametrization]:
+        """``tensor_fqn -> MaskParametrization``."""
+        return {fqn: e.parametrization for fqn, e in self._entries.items()}
+
+    @property
+    def sparsities(self) -> dict[str, float]:
+        """``tensor_fqn -> target sparsity`` as allocated."""
+        return {fqn: e.sparsity for fqn, e in self._entries.items()}
+
+    @property
+    def targets(self) -> dict[str, int]:
+        """``tensor_fqn -> exact number of active weights``."""
+        return {fqn: e.target for fqn, e in self._entries.items()}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    @torch.no_grad()
+    def apply(
+        self,
+        new_masks: Mapping[str, Tensor],
+        optimizer: torch.optim.Optimizer | None = None,
+        grow_value: float = 0.0,
+    ) -> None:
+        """Write new masks in place and make weights and optimizer state agree.
+
+        Every position that is not kept (active both before and after) gets zero
+        in the stored weight and in every optimizer state tensor of the weight's
+        shape; newly grown positions then get ``grow_value``. The whole weight is
+        re-masked, so anything written outside the mask since the last update is
+        cleared too.
+        """
+        for fqn, new in new_masks.items():
+            entry = self._entries[fqn]
+            param, old = entry.param, entry.mask
+            reset = ~(old & new)
+            param.masked_fill_(reset, 0.0)
+            if grow_value != 0.0:
+                param.masked_fill_(new & ~old, grow_value)
+            if param.grad is not None:
+                param.grad.mul_(new)
+            if optimizer is not None:
+                _reset_state(optimizer, param, reset)
+            old.copy_(new)
+            entry.parametrization.stale = False
+
+    @torch.no_grad()
+    def apply_masks(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Zero the stored weights (and optimizer state) outside the current masks."""
+        for entry in self._entries.values():
+            entry.param.mul_(entry.mask)
+            if optimizer is not None:
+                _reset_state(optimizer, entry.param, ~entry.mask)
+            entry.parametrization.stale = False
+
+    def remove(self) -> None:
+        """Remove the parametrizations and hooks; stored weights stay masked."""
+        self.apply_masks()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for entry in self._entries.values():
+            entry.parametrization.detach()
+            parametrize.remove_parametrizations(
+                entry.module, entry.tensor_name, leave_parametrized=False
+            )
+        self._entries = {}
+
+
+def _reset_state(
+    optimizer: torch.optim.Optimizer, param: Tensor, where: Tensor
+) -> None:
+    """Zero every optimizer state tensor of ``param``'s shape at ``where``."""
+    for value in optimizer.state.get(param, {}).values():
+        if isinstance(value, Tensor) and value.shape == param.shape:
+            value.masked_fill_(where, 0)
+
+
+def _plist(module: nn.Module, name: str) -> parametrize.ParametrizationList:
+    plist = module.parametrizations[name]  # type: ignore[index]
+    assert isinstance(plist, parametrize.ParametrizationList)
+    return plist
+
+
+def _original_key(prefix: str, name: str) -> str:
+    return f"{prefix}parametrizations.{name}.original"
+
+
+def _rename_on_save(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: dict[str, Any],
+    *,
+    names: list[str],
+    order: list[str],
+) -> None:
+    """State-dict post-hook: give the parametrized tensors their dense keys back.
+
+    Runs right after ``module`` wrote its entries, so they are the tail of
+    ``state_dict``: pop them, rename, and put them back in the dense order.
+    """
+    tail = []
+    for key in reversed(state_dict):
+        if not key.startswith(prefix):
+            break
+        tail.append(key)
+    renamed = {_original_key(prefix, n): prefix + n for n in names}
+    entries = [(renamed.get(k, k), state_dict.pop(k)) for k in reversed(tail)]
+    rank = {prefix + key: i for i, key in enumerate(order)}
+    entries.sort(key=lambda kv: rank.get(kv[0], len(rank)))
+    state_dict.update(entries)
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        for key in [k for k in metadata if k.startswith(f"{prefix}parametrizations")]:
+            del metadata[key]
+
+
+def _rename_on_load(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: dict[str, Any],
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+    *,
+    names: list[str],
+) -> None:
+    """Load pre-hook: accept the dense key of each parametrized tensor."""
+    for name in names:
+        if prefix + name in state_dict:
+            state_dict[_original_key(prefix, name)] = state_dict.pop(prefix + name)
+
+
+def _mark_stale(module: nn.Module, incompatible_keys: Any, *, names: list[str]) -> None:
+    """Load post-hook: re-mask the loaded weights before their next use.
+
+    Masking right away would destroy the weights of a checkpoint whose masks are
+    loaded next (``sparsifier.load_state_dict``), so the forward masks instead.
+    """
+    for name in names:
+        for p in _plist(module, name):
+            if isinstance(p, MaskParametrization):
+                p.stale = True
