@@ -214,6 +214,10 @@ class Topology:
             module_fqn: list(modules[module_fqn].state_dict(keep_vars=True))
             for module_fqn in {_split(fqn)[0] for fqn in sparsities}
         }
+        self._param_order = {
+            module_fqn: list(modules[module_fqn]._parameters)
+            for module_fqn in dense_order
+        }
         self._entries: dict[str, _Entry] = {}
         self._handles: list[Any] = []
         for fqn, sparsity in sparsities.items():
@@ -329,6 +333,11 @@ class Topology:
             parametrize.remove_parametrizations(
                 entry.module, entry.tensor_name, leave_parametrized=False
             )
+        modules = dict(self.model.named_modules())
+        for module_fqn, names in self._param_order.items():
+            params = modules[module_fqn]._parameters
+            for name in names:  # back to the dense order: weight before bias
+                params[name] = params.pop(name)
         self._entries = {}
 
 
