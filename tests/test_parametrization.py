@@ -119,5 +119,5 @@ Pass `mask.bool()`.""",
 
 
 def test_repr_shows_active_count() -> None:
-    layer, p = masked_linear(torch.tensor([[True, False], [False, False]]))
+    _, p = masked_linear(torch.tensor([[True, False], [False, False]]))
     assert_expected_inline(repr(p), """MaskParametrization(shape=(2, 2), active=1/4)""")
