@@ -46,7 +46,8 @@ def named_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
                 yield prefix + name, tensor
         if parametrize.is_parametrized(module):
             for name, plist in module.parametrizations.items():
-                yield prefix + name, plist.original
+                if "original" in plist._parameters:  # one stored tensor, not several
+                    yield prefix + name, plist.original
 
 
 def select_tensors(
@@ -57,7 +58,11 @@ def select_tensors(
     """The ``tensor_fqn`` of every tensor to sparsify, in model order.
 
     By default: the ``weight`` of every ``nn.Linear``, ``nn.Conv{1,2,3}d`` and
-    ``nn.ConvTranspose{1,2,3}d``; biases, norms and embeddings stay dense.
+    ``nn.ConvTranspose{1,2,3}d`` (``nn.MultiheadAttention``'s ``out_proj`` is an
+    ``nn.Linear``); biases, norms, embeddings, recurrent weights and
+    ``in_proj_weight`` stay dense unless ``include`` names them. A tensor shared
+    by several modules (tied weights) is selected once, under its first name in
+    model order: it gets one mask, and every module using it sees that mask.
 
     Args:
         model: the model.
@@ -79,7 +84,9 @@ def select_tensors(
     """
     for name, globs in (("include", include), ("exclude", exclude)):
         if globs is not None and (
-            isinstance(globs, str) or not all(isinstance(g, str) for g in globs)
+            isinstance(globs, str)
+            or not isinstance(globs, (list, tuple))
+            or not all(isinstance(g, str) for g in globs)
         ):
             raise TypeError(
                 f"{name} must be a list of glob strings, got {globs!r}.\n"
@@ -109,6 +116,13 @@ def select_tensors(
         for fqn in selected
         if not any(fnmatch.fnmatchcase(fqn, g) for g in exclude or ())
     ]
+    seen: set[int] = set()
+    for fqn in list(selected):  # tied weights: keep the first name only
+        tensor = tensors.get(fqn)
+        if tensor is not None and id(tensor) in seen:
+            selected.remove(fqn)
+        elif tensor is not None:
+            seen.add(id(tensor))
     if not selected:
         raise ValueError(
             "Nothing to sparsify: no tensor is selected.\n"
@@ -173,6 +187,7 @@ class Topology:
         self.model = model
         modules = dict(model.named_modules())
         seen: dict[int, str] = {}
+        masked = {id(p) for p in _masked_params(model)}
         for fqn in sparsities:
             module_fqn, name = _split(fqn)
             module = modules.get(module_fqn)
@@ -189,7 +204,7 @@ class Topology:
                     )
                 raise ValueError(
                     f"{fqn!r} already has a parametrization; sparsetorch must be the "
-                    "only one."
+                    f"only one.\nLeave it dense: exclude=[{fqn!r}]."
                 )
             tensor = module._parameters.get(name)
             if not isinstance(tensor, nn.Parameter):
@@ -201,6 +216,17 @@ class Topology:
                 raise TypeError(
                     f"{fqn!r} has dtype {tensor.dtype}; only floating-point "
                     "parameters can be sparsified."
+                )
+            if id(tensor) in masked:
+                raise ValueError(
+                    f"{fqn!r} is already sparsified under another name (tied "
+                    "weights): a model can be sparsified once."
+                )
+            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
+                raise ValueError(
+                    f"{fqn!r} belongs to an embedding with sparse=True, whose sparse "
+                    "gradients sparsetorch cannot mask.\nBuild it with "
+                    "sparse=False, or leave it dense."
                 )
             if id(tensor) in seen:
                 raise ValueError(
@@ -236,6 +262,20 @@ class Topology:
             parametrize.register_parametrization(module, name, p)
             p.attach(_plist(module, name).original)
             self._entries[fqn] = _Entry(module, name, p, sparsity, target)
+            type(module).__getstate__ = _refuse_pickle  # type: ignore[method-assign]
+        stored = {id(e.param): e.parametrization for e in self._entries.values()}
+        for module in model.modules():
+            # Tied weights: a module holding a masked tensor as its own parameter
+            # reads it without the parametrization: re-mask it after a load.
+            shared = [
+                stored[id(t)] for t in module._parameters.values() if id(t) in stored
+            ]
+            if shared:
+                self._handles.append(
+                    module.register_forward_pre_hook(
+                        functools.partial(_remask_stale, parametrizations=shared)
+                    )
+                )
         for module_fqn, order in dense_order.items():
             module = modules[module_fqn]
             names = [
@@ -341,6 +381,42 @@ class Topology:
         self._entries = {}
 
 
+def _masked_params(model: nn.Module) -> Iterator[Tensor]:
+    """The stored tensors of every :class:`MaskParametrization` in ``model``."""
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for plist in module.parametrizations.values():
+                if "original" in plist._parameters and any(
+                    isinstance(p, MaskParametrization) for p in plist
+                ):
+                    yield plist.original
+
+
+def _refuse_pickle(module: nn.Module) -> Any:
+    """``__getstate__`` of sparsified modules: say what to save instead."""
+    raise RuntimeError(
+        f"Cannot pickle the sparsified {type(module).__base__.__name__} module: "
+        "torch.save(model) pickles whole modules, and modules sparsified with "
+        "sparsetorch (torch.nn.utils.parametrize) cannot be pickled.\nSave the "
+        'state dicts instead: torch.save({"model": model.state_dict(), '
+        '"optimizer": optimizer.state_dict(), "sparsity": '
+        "sparsifier.state_dict()}, path), or call sparsifier.remove() first for "
+        "a plain model with zeros."
+    )
+
+
+def _remask_stale(
+    module: nn.Module, args: Any, *, parametrizations: list[MaskParametrization]
+) -> None:
+    """Forward pre-hook: mask stale tensors that ``module`` reads unparametrized."""
+    for p in parametrizations:
+        param = None if p._param is None else p._param()
+        if p.stale and param is not None:
+            with torch.no_grad():
+                param.mul_(p.mask)
+            p.stale = False
+
+
 def _reset_state(
     optimizer: torch.optim.Optimizer, param: Tensor, where: Tensor
 ) -> None:
@@ -381,6 +457,12 @@ def _rename_on_save(
         tail.append(key)
     renamed = {_original_key(prefix, n): prefix + n for n in names}
     entries = [(renamed.get(k, k), state_dict.pop(k)) for k in reversed(tail)]
+    for name in names:
+        mask = _mask_if_stale(module, name)
+        if mask is not None:  # loaded but not used yet: save what would be used
+            entries = [
+                (k, v.detach() * mask if k == prefix + name else v) for k, v in entries
+            ]
     rank = {prefix + key: i for i, key in enumerate(order)}
     entries.sort(key=lambda kv: rank.get(kv[0], len(rank)))
     state_dict.update(entries)
@@ -406,6 +488,13 @@ def _rename_on_load(
     for name in names:
         if prefix + name in state_dict:
             state_dict[_original_key(prefix, name)] = state_dict.pop(prefix + name)
+
+
+def _mask_if_stale(module: nn.Module, name: str) -> Tensor | None:
+    for p in _plist(module, name):
+        if isinstance(p, MaskParametrization) and p.stale:
+            return p.mask
+    return None
 
 
 def _mark_stale(module: nn.Module, incompatible_keys: Any, *, names: list[str]) -> None:

@@ -9,6 +9,10 @@ import torch
 from torch import nn
 
 
+# Tiny models: threads only add contention on small CI machines.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> Iterator[None]:
     torch.manual_seed(0)
