@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-
 # Tiny models: threads only add contention on small CI machines.
 torch.set_num_threads(1)
 
