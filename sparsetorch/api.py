@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 from sparsetorch import _distributed
 from sparsetorch.distributions import allocate
 from sparsetorch.policies.base import Policy, make_policy
-from sparsetorch.schedule import Schedule
+from sparsetorch.schedule import DROP_SCHEDULES, Schedule
 from sparsetorch.sparsifier import Sparsifier
 from sparsetorch.topology import Topology, named_tensors, select_tensors
 
@@ -69,20 +70,26 @@ def sparsify(
         end_step: no update at or after this step. Default: ``None``.
         include: fnmatch globs over ``tensor_fqn`` selecting the tensors.
             Default: ``None`` (the weights of ``nn.Linear`` and ``nn.Conv*``).
+            A tensor shared by several modules (tied weights) is selected
+            once, under its first name; frozen tensors (``requires_grad=False``)
+            are skipped: they stay dense, with a warning, and
+            :meth:`~sparsetorch.Sparsifier.summary` lists them.
         exclude: fnmatch globs removed from the selection. Default: ``None``.
         grow_init: value of newly grown weights: ``"zeros"`` or a float.
             Default: ``"zeros"``.
         seed: seed of the generator drawing initial masks, ties and random
-            growth. Default: ``0``.
+            growth, an int in ``[-2**63, 2**64)``. Default: ``0``.
 
     Returns:
         The :class:`~sparsetorch.Sparsifier`.
 
     Raises:
         ValueError: a value is out of range, a name is unknown, nothing is
-            selected, or a dynamic policy has neither ``total_steps`` nor
-            ``end_step``. The model is left unchanged.
-        TypeError: an argument has the wrong type. The model is left unchanged.
+            selected, the optimizer does not hold a selected tensor, or a
+            dynamic policy has neither ``total_steps`` nor ``end_step``. The
+            model and optimizer are left unchanged.
+        TypeError: an argument has the wrong type. The model and optimizer are
+            left unchanged.
 
     Example::
 
@@ -116,14 +123,34 @@ def sparsify(
     policy = make_policy(policy)
     grow_value = _grow_value(grow_init)
     for name, value in (("total_steps", total_steps), ("seed", seed)):
-        if value is not None and (
+        if (value is not None or name == "seed") and (
             isinstance(value, bool) or not isinstance(value, int)
         ):
             raise TypeError(f"{name} must be an int, got {value!r}.")
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(
+            f"seed must be in [-2**63, 2**64) (torch.Generator's range), got {seed}."
+        )
     if total_steps is not None and total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}.")
-    if end_step is None and total_steps is not None:
+    if not isinstance(drop_schedule, str):
+        raise TypeError(
+            f"drop_schedule must be a name, got {drop_schedule!r}.\n"
+            f"Known drop schedules: {sorted(DROP_SCHEDULES)}."
+        )
+    if end_step is None and total_steps is not None and policy.dynamic:
         end_step = int(0.75 * total_steps)
+        if (
+            isinstance(begin_step, int)
+            and not isinstance(begin_step, bool)
+            and end_step <= begin_step
+        ):
+            raise ValueError(
+                f"total_steps={total_steps} leaves no step for topology updates: "
+                f"end_step defaults to int(0.75 * total_steps) = {end_step}, which "
+                f"must be greater than begin_step ({begin_step}).\n"
+                "Pass a larger total_steps, or end_step= explicitly."
+            )
     if policy.dynamic and end_step is None:
         raise ValueError(
             f"policy {type(policy).__name__} updates the topology, so it needs to "
@@ -139,6 +166,17 @@ def sparsify(
     )
     fqns = select_tensors(model, include, exclude)
     tensors = dict(named_tensors(model))
+    frozen = [fqn for fqn in fqns if not tensors[fqn].requires_grad]
+    if frozen and len(frozen) == len(fqns):
+        raise ValueError(
+            f"Nothing to sparsify: every selected tensor is frozen "
+            f"(requires_grad=False): {frozen}.\n"
+            "sparsetorch keeps the masked weights' gradients and optimizer "
+            "state in step with the masks, so it sparsifies only trained "
+            "tensors: call .requires_grad_(True) on them, or select others "
+            'with include=["..."].'
+        )
+    fqns = [fqn for fqn in fqns if fqn not in frozen]
     shapes = {fqn: tuple(tensors[fqn].shape) for fqn in fqns}
     sparsities = allocate(shapes, sparsity, distribution)
     if optimizer is not None:
@@ -146,6 +184,14 @@ def sparsify(
 
     generator = torch.Generator().manual_seed(seed)
     topology = Topology(model, sparsities, generator)
+    if frozen:
+        warnings.warn(
+            f"Skipped {len(frozen)} frozen tensor(s) (requires_grad=False), which "
+            f"stay dense: {frozen}.\nsparsifier.summary() lists them; unfreeze "
+            "them before sparsify() to sparsify them.",
+            UserWarning,
+            stacklevel=2,
+        )
     _distributed.broadcast_(list(topology.masks.values()))
     state = generator.get_state()
     _distributed.broadcast_([state])
@@ -163,6 +209,7 @@ def sparsify(
         generator=generator,
         sparsity=overall,
         grow_init=grow_value,
+        skipped={fqn: "requires_grad=False" for fqn in frozen},
     )
 
 
@@ -179,8 +226,10 @@ def _check_sparsity(sparsity: object) -> None:
 def _grow_value(grow_init: object) -> float:
     if grow_init == "zeros":
         return 0.0
-    if isinstance(grow_init, bool) or not isinstance(grow_init, (int, float)):
+    if isinstance(grow_init, str):
         raise ValueError(f"Unknown grow_init {grow_init!r}: pass 'zeros' or a float.")
+    if isinstance(grow_init, bool) or not isinstance(grow_init, (int, float)):
+        raise TypeError(f"grow_init must be 'zeros' or a float, got {grow_init!r}.")
     if not math.isfinite(grow_init):
         raise ValueError(f"grow_init must be finite, got {grow_init!r}.")
     return float(grow_init)

@@ -9,14 +9,15 @@ Change the import line and nothing else::
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from sparsetorch.api import sparsify
+from sparsetorch.api import _check_optimizer_holds, sparsify
 from sparsetorch.sparsifier import Sparsifier
-from sparsetorch.topology import select_tensors
+from sparsetorch.topology import named_tensors, select_tensors
 
 __all__ = ["RigLScheduler"]
 
@@ -90,39 +91,19 @@ class RigLScheduler:
         grad_accumulation_n: int = 1,
         state_dict: dict[str, Any] | None = None,
     ) -> None:
-        if isinstance(dense_allocation, bool) or not isinstance(
-            dense_allocation, (int, float)
-        ):
-            raise TypeError(
-                f"dense_allocation must be a float, got {dense_allocation!r}."
-            )
-        if not 0 < dense_allocation <= 1:
-            raise ValueError(
-                f"dense_allocation must be in (0, 1], got {dense_allocation!r}.\n"
-                "It is the fraction of weights kept: 0.1 means 90% sparsity."
-            )
-        if sparsity_distribution not in _DISTRIBUTIONS:
-            raise ValueError(
-                f"Unknown sparsity_distribution {sparsity_distribution!r}.\n"
-                f"Known: {sorted(_DISTRIBUTIONS)}."
-            )
-        if not static_topo and T_end is None:
-            raise ValueError(
-                "RigLScheduler needs T_end, the step at which topology updates "
-                "stop (rigl-torch crashes without it).\nA common choice: "
-                "T_end = int(0.75 * epochs * len(loader))."
-            )
-        if isinstance(delta, bool) or not isinstance(delta, int) or delta < 1:
-            raise ValueError(f"delta must be an int >= 1, got {delta!r}.")
-        if (
-            isinstance(grad_accumulation_n, bool)
-            or not isinstance(grad_accumulation_n, int)
-            or not 1 <= grad_accumulation_n < delta
-        ):
-            raise ValueError(
-                "grad_accumulation_n must be an int in [1, delta), got "
-                f"{grad_accumulation_n!r} (delta={delta})."
-            )
+        _check_arguments(
+            model,
+            optimizer,
+            dense_allocation=dense_allocation,
+            T_end=T_end,
+            sparsity_distribution=sparsity_distribution,
+            ignore_linear_layers=ignore_linear_layers,
+            delta=delta,
+            alpha=alpha,
+            static_topo=static_topo,
+            grad_accumulation_n=grad_accumulation_n,
+            state_dict=state_dict,
+        )
         if dense_allocation == 1:
             warnings.warn(
                 "RigLScheduler with dense_allocation=1 keeps the model dense "
@@ -158,6 +139,17 @@ class RigLScheduler:
         self.ignore_linear_layers = ignore_linear_layers
         self.static_topo = static_topo
         self.grad_accumulation_n = grad_accumulation_n
+        tensors = dict(named_tensors(model))
+        _check_optimizer_holds(
+            optimizer,
+            {fqn: tensors[fqn] for fqn in include if tensors[fqn].requires_grad},
+        )
+        # Kept to undo sparsify() if the state_dict does not fit.
+        dense_copy = (
+            None
+            if state_dict is None
+            else {fqn: tensors[fqn].detach().clone() for fqn in include}
+        )
         self.sparsifier: Sparsifier = sparsify(
             model,
             None,
@@ -172,8 +164,15 @@ class RigLScheduler:
         self.sparsifier.optimizer = optimizer
         if grad_accumulation_n > 1:
             self.sparsifier.capture_steps = grad_accumulation_n
-        if state_dict is not None:
-            self.load_state_dict(state_dict)
+        if dense_copy is not None and state_dict is not None:
+            try:
+                self.load_state_dict(state_dict)
+            except (TypeError, ValueError):
+                self.sparsifier.remove()
+                with torch.no_grad():
+                    for fqn, value in dense_copy.items():
+                        tensors[fqn].copy_(value)
+                raise
 
     def __call__(self) -> bool:
         """Count a step; on a RigL step update the masks and return ``False``."""
@@ -213,6 +212,91 @@ class RigLScheduler:
             f"RigLScheduler(step={self.step}, rigl_steps={self.rigl_steps}, "
             f"delta={self.delta}, T_end={self.T_end}, alpha={self.alpha})\n"
             f"{self.sparsifier.summary()}"
+        )
+
+
+def _check_arguments(
+    model: object,
+    optimizer: object,
+    *,
+    dense_allocation: object,
+    T_end: object,
+    sparsity_distribution: object,
+    ignore_linear_layers: object,
+    delta: int,
+    alpha: object,
+    static_topo: object,
+    grad_accumulation_n: int,
+    state_dict: object,
+) -> None:
+    """Check every ``RigLScheduler`` argument before anything changes."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            "optimizer must be the model's torch.optim.Optimizer, got "
+            f"{type(optimizer).__name__}."
+        )
+    for name, value in (
+        ("ignore_linear_layers", ignore_linear_layers),
+        ("static_topo", static_topo),
+    ):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}.")
+    if isinstance(dense_allocation, bool) or not isinstance(
+        dense_allocation, (int, float)
+    ):
+        raise TypeError(f"dense_allocation must be a float, got {dense_allocation!r}.")
+    if not 0 < dense_allocation <= 1:
+        raise ValueError(
+            f"dense_allocation must be in (0, 1], got {dense_allocation!r}.\n"
+            "It is the fraction of weights kept: 0.1 means 90% sparsity."
+        )
+    if not isinstance(sparsity_distribution, str):
+        raise TypeError(
+            "sparsity_distribution must be a name, got "
+            f"{sparsity_distribution!r}.\nKnown: {sorted(_DISTRIBUTIONS)}."
+        )
+    if sparsity_distribution not in _DISTRIBUTIONS:
+        raise ValueError(
+            f"Unknown sparsity_distribution {sparsity_distribution!r}.\n"
+            f"Known: {sorted(_DISTRIBUTIONS)}."
+        )
+    for name, value in (("delta", delta), ("grad_accumulation_n", grad_accumulation_n)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}.")
+    if delta < 1:
+        raise ValueError(f"delta must be an int >= 1, got {delta!r}.")
+    if not 1 <= grad_accumulation_n < delta:
+        raise ValueError(
+            "grad_accumulation_n must be an int in [1, delta), got "
+            f"{grad_accumulation_n!r} (delta={delta})."
+        )
+    if T_end is None and not static_topo:
+        raise ValueError(
+            "RigLScheduler needs T_end, the step at which topology updates "
+            "stop (rigl-torch crashes without it).\nA common choice: "
+            "T_end = int(0.75 * epochs * len(loader))."
+        )
+    if T_end is not None:
+        if isinstance(T_end, bool) or not isinstance(T_end, int):
+            raise TypeError(f"T_end must be an int, got {T_end!r}.")
+        if T_end < 1:
+            raise ValueError(
+                f"T_end must be >= 1, got {T_end}: it is the step at which "
+                "topology updates stop."
+            )
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a float, got {alpha!r}.")
+    if not 0 <= alpha <= 1:
+        raise ValueError(
+            f"alpha must be in [0, 1], got {alpha!r}: it is the fraction of "
+            "active weights the first update drops."
+        )
+    if state_dict is not None and not isinstance(state_dict, Mapping):
+        raise TypeError(
+            "state_dict must be a dict from RigLScheduler.state_dict() or None, "
+            f"got {type(state_dict).__name__}."
         )
 
 

@@ -12,13 +12,17 @@ import torch
 from torch import Tensor
 
 from sparsetorch import _distributed
+from sparsetorch._checkpoint import (
+    FORMAT_VERSION,
+    READABLE_VERSIONS,
+    decode_mask,
+    encode_mask,
+)
 from sparsetorch.policies.base import Policy, update_mask
 from sparsetorch.schedule import Schedule
 from sparsetorch.topology import Topology
 
 __all__ = ["Sparsifier"]
-
-FORMAT_VERSION = 1
 
 
 class Sparsifier:
@@ -43,6 +47,8 @@ class Sparsifier:
         grow_init: value of newly grown weights. Default: ``0.0``.
         count_optimizer_steps: count steps through the optimizer's step
             post-hook. Default: ``True`` when an optimizer is given.
+        skipped: ``tensor_fqn -> reason`` of selected tensors left dense
+            (frozen ones), listed under the summary. Default: ``None``.
     """
 
     def __init__(
@@ -56,8 +62,10 @@ class Sparsifier:
         sparsity: float,
         grow_init: float = 0.0,
         count_optimizer_steps: bool | None = None,
+        skipped: Mapping[str, str] | None = None,
     ) -> None:
         self.topology = topology
+        self.skipped = dict(skipped or {})
         self.policy = policy
         self.schedule = schedule
         self.optimizer = optimizer
@@ -171,13 +179,26 @@ class Sparsifier:
 
         Holds the masks, the step and update counts, the generator state, and the
         settings (policy, schedule, per-tensor sparsity) for checking on load.
+        Format version 2: each mask is stored bit-packed or as the positions of
+        its active weights, whichever is smaller (see ``docs/reliability.md``).
+
+        Example::
+
+            >>> import torch
+            >>> import sparsetorch as st
+            >>> model = torch.nn.Sequential(torch.nn.Linear(100, 100))
+            >>> state = st.sparsify(model, policy="static", sparsity=0.99).state_dict()
+            >>> state["format_version"], state["masks"]["0.weight"]["encoding"]
+            (2, 'indices')
+            >>> state["masks"]["0.weight"]["data"].dtype
+            torch.int16
         """
         return {
             "format_version": FORMAT_VERSION,
             "step": self.step_count,
             "updates": self.update_count,
             "generator": self.generator.get_state(),
-            "masks": {fqn: m.clone() for fqn, m in self.masks.items()},
+            "masks": {fqn: encode_mask(m) for fqn, m in self.masks.items()},
             "settings": self._settings(),
         }
 
@@ -193,22 +214,55 @@ class Sparsifier:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore masks, step count and generator state from :meth:`state_dict`.
 
-        The stored weights are re-masked with the loaded masks and the
-        optimizer state is zeroed outside them. Model, optimizer and sparsifier
-        state dicts may be loaded in any order before the next step.
+        Reads format versions 1 (plain bool masks) and 2. Everything is checked
+        before anything changes: a checkpoint that does not fit raises and leaves
+        the model, optimizer and sparsifier as they were. Then the stored
+        weights are re-masked with the loaded masks and the optimizer state is
+        zeroed outside them. Model, optimizer and sparsifier state dicts may be
+        loaded in any order before the next step.
 
         Raises:
-            ValueError: the checkpoint is from another format version, another
-                model, or other settings.
-            TypeError: a mask is not a bool tensor.
+            ValueError: the checkpoint is from an unknown or newer format version,
+                another model, or other settings, or a mask is corrupted (wrong
+                shape, size or active count).
+            TypeError: the checkpoint is not a dict, or a mask has the wrong type.
         """
-        version = state_dict.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ValueError(
-                f"Unsupported sparsifier checkpoint format_version {version!r}; "
-                f"this sparsetorch reads version {FORMAT_VERSION}."
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                "Sparsifier.load_state_dict takes the dict made by "
+                f"sparsifier.state_dict(), got {type(state_dict).__name__}.\n"
+                'Load the file first: torch.load(path, weights_only=True)["sparsity"].'
             )
+        version = _check_version(state_dict)
+        missing = sorted(
+            {"step", "updates", "generator", "masks", "settings"} - set(state_dict)
+        )
+        if missing:
+            raise ValueError(
+                f"The sparsifier checkpoint lacks the keys {missing}: it is "
+                "truncated or not made by sparsifier.state_dict()."
+            )
+        counts = {k: state_dict[k] for k in ("step", "updates")}
+        for key, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"The sparsifier checkpoint's {key!r} must be an int >= 0, got "
+                    f"{value!r}."
+                )
+        generator_state = state_dict["generator"]
+        try:
+            torch.Generator().set_state(generator_state)
+        except (TypeError, RuntimeError) as error:
+            raise ValueError(
+                "The sparsifier checkpoint's generator state is not a CPU "
+                f"torch.Generator state: {error}"
+            ) from error
         masks = state_dict["masks"]
+        if not isinstance(masks, Mapping):
+            raise TypeError(
+                "The sparsifier checkpoint's 'masks' must be a dict "
+                f"{{tensor_fqn: mask}}, got {type(masks).__name__}."
+            )
         mine = self.masks
         if set(masks) != set(mine):
             raise ValueError(
@@ -216,48 +270,41 @@ class Sparsifier:
                 f"missing from the checkpoint: {sorted(set(mine) - set(masks))}\n"
                 f"unexpected in the checkpoint: {sorted(set(masks) - set(mine))}"
             )
-        targets = self.topology.targets
-        for fqn, mask in masks.items():
-            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-                raise TypeError(
-                    f"Mask {fqn!r} in the checkpoint must be a bool tensor, got "
-                    f"{getattr(mask, 'dtype', type(mask).__name__)}."
-                )
-            if mask.shape != mine[fqn].shape:
-                raise ValueError(
-                    f"Mask {fqn!r} has shape {tuple(mask.shape)} in the checkpoint "
-                    f"but the weight has shape {tuple(mine[fqn].shape)}."
-                )
-            if int(mask.sum()) != targets[fqn]:
-                raise ValueError(
-                    f"Mask {fqn!r} has {int(mask.sum())} active weights in the "
-                    f"checkpoint, but this sparsifier targets {targets[fqn]}.\n"
-                    "Build the sparsifier with the checkpoint's sparsity and "
-                    "distribution."
-                )
         settings = state_dict["settings"]
+        if not isinstance(settings, Mapping):
+            raise TypeError(
+                "The sparsifier checkpoint's 'settings' must be a dict, got "
+                f"{type(settings).__name__}."
+            )
+        current = self._settings()
         mismatched = sorted(
-            key
-            for key, value in self._settings().items()
-            if not _same(settings.get(key), value)
+            key for key, value in current.items() if not _same(settings.get(key), value)
         )
         if mismatched:
             lines = "\n".join(
                 f"{key}: checkpoint {settings.get(key)!r}, "
-                f"this sparsifier {self._settings()[key]!r}"
+                f"this sparsifier {current[key]!r}"
                 for key in mismatched
             )
             raise ValueError(
                 "The checkpoint was made with other settings:\n"
                 f"{lines}\nBuild the sparsifier with the checkpoint's settings."
             )
+        targets = self.topology.targets
+        loaded = {
+            fqn: decode_mask(
+                masks[fqn], fqn, tuple(mask.shape), targets[fqn], version=version
+            )
+            for fqn, mask in mine.items()
+        }
+        # Everything is checked: from here on state changes.
         with torch.no_grad():
-            for fqn, mask in masks.items():
+            for fqn, mask in loaded.items():
                 mine[fqn].copy_(mask)
         self.topology.apply_masks(self.optimizer)
-        self.generator.set_state(state_dict["generator"])
-        self.step_count = int(state_dict["step"])
-        self.update_count = int(state_dict["updates"])
+        self.generator.set_state(generator_state)
+        self.step_count = counts["step"]
+        self.update_count = counts["updates"]
         self._arm()
 
     # -- lifecycle and display ----------------------------------------------------
@@ -316,6 +363,7 @@ class Sparsifier:
                 f"{fqn:<{width}}  {shape:<{swidth}}  {target:.4f}  {actual:.4f}"
                 f"  {active:>9}  {numel:>9}"
             )
+        lines += [f"skipped: {fqn} ({why}, dense)" for fqn, why in self.skipped.items()]
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -325,6 +373,38 @@ class Sparsifier:
             f"updates={self.update_count}, next_update="
             f"{'none' if nxt is None else nxt})\n{self.summary()}"
         )
+
+
+def _check_version(state_dict: Mapping[str, Any]) -> int:
+    """The checkpoint's format version, if this sparsetorch reads it."""
+    if "format_version" not in state_dict:
+        hint = (
+            "It looks like a rigl-torch RigLScheduler state dict, which sparsetorch "
+            "does not read: start from the model's weights instead."
+            if "backward_masks" in state_dict
+            else "Pass the dict made by sparsifier.state_dict()."
+        )
+        raise ValueError(
+            "Not a sparsifier checkpoint: it has no 'format_version' "
+            f"(keys: {sorted(map(str, state_dict))}).\n{hint}"
+        )
+    version = state_dict["format_version"]
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise ValueError(
+            f"The sparsifier checkpoint has format_version {version}, newer than "
+            f"this sparsetorch reads (versions {list(READABLE_VERSIONS)}).\n"
+            "Upgrade sparsetorch to load it."
+        )
+    if (
+        isinstance(version, bool)
+        or not isinstance(version, int)
+        or version not in READABLE_VERSIONS
+    ):
+        raise ValueError(
+            f"Unknown sparsifier checkpoint format_version {version!r}; this "
+            f"sparsetorch reads versions {list(READABLE_VERSIONS)}."
+        )
+    return version
 
 
 def _same(a: Any, b: Any) -> bool:

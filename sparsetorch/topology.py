@@ -262,7 +262,7 @@ class Topology:
             parametrize.register_parametrization(module, name, p)
             p.attach(_plist(module, name).original)
             self._entries[fqn] = _Entry(module, name, p, sparsity, target)
-            type(module).__getstate__ = _refuse_pickle  # type: ignore[method-assign]
+            setattr(type(module), "__getstate__", _refuse_pickle)  # noqa: B010
         stored = {id(e.param): e.parametrization for e in self._entries.values()}
         for module in model.modules():
             # Tied weights: a module holding a masked tensor as its own parameter
@@ -385,17 +385,19 @@ def _masked_params(model: nn.Module) -> Iterator[Tensor]:
     """The stored tensors of every :class:`MaskParametrization` in ``model``."""
     for module in model.modules():
         if parametrize.is_parametrized(module):
-            for plist in module.parametrizations.values():
-                if "original" in plist._parameters and any(
+            for name in module.parametrizations:  # type: ignore[union-attr]
+                plist = _plist(module, name)
+                original = plist._parameters.get("original")
+                if original is not None and any(
                     isinstance(p, MaskParametrization) for p in plist
                 ):
-                    yield plist.original
+                    yield original
 
 
 def _refuse_pickle(module: nn.Module) -> Any:
     """``__getstate__`` of sparsified modules: say what to save instead."""
     raise RuntimeError(
-        f"Cannot pickle the sparsified {type(module).__base__.__name__} module: "
+        f"Cannot pickle the sparsified {type(module).__mro__[1].__name__} module: "
         "torch.save(model) pickles whole modules, and modules sparsified with "
         "sparsetorch (torch.nn.utils.parametrize) cannot be pickled.\nSave the "
         'state dicts instead: torch.save({"model": model.state_dict(), '
