@@ -116,13 +116,18 @@ def select_tensors(
         for fqn in selected
         if not any(fnmatch.fnmatchcase(fqn, g) for g in exclude or ())
     ]
+    computed = [fqn for fqn in selected if fqn not in tensors]
+    if computed:
+        raise ValueError(
+            f"Cannot sparsify {computed}: computed by another parametrization "
+            "(weight_norm, say) or not parameters, so sparsetorch cannot mask them."
+            f"\nLeave them dense: exclude={computed}."
+        )
     seen: set[int] = set()
     for fqn in list(selected):  # tied weights: keep the first name only
-        tensor = tensors.get(fqn)
-        if tensor is not None and id(tensor) in seen:
+        if id(tensors[fqn]) in seen:
             selected.remove(fqn)
-        elif tensor is not None:
-            seen.add(id(tensor))
+        seen.add(id(tensors[fqn]))
     if not selected:
         raise ValueError(
             "Nothing to sparsify: no tensor is selected.\n"
