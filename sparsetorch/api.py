@@ -47,6 +47,12 @@ def sparsify(
     does not change. Parameters keep their identity, so an optimizer built before
     ``sparsify`` stays valid, and ``model.state_dict()`` keeps the dense keys.
 
+    Under ``torch.distributed``, call it on every rank: rank 0's initial masks
+    and generator state are broadcast, and the masks are kept out of
+    DistributedDataParallel's per-forward buffer broadcast. Sparsify first, then
+    wrap in ``DistributedDataParallel``. FSDP-sharded models are not supported
+    (see ``docs/distributed.md``).
+
     Args:
         model: the model to sparsify, changed in place.
         optimizer: the optimizer of ``model``. Its steps are counted and its
@@ -90,6 +96,9 @@ def sparsify(
             model and optimizer are left unchanged.
         TypeError: an argument has the wrong type. The model and optimizer are
             left unchanged.
+        RuntimeError: the model is already wrapped in
+            ``DistributedDataParallel``, or sharded (FSDP, ``fully_shard``,
+            DTensor parameters). The model is left unchanged.
 
     Example::
 
@@ -114,6 +123,7 @@ def sparsify(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+    _distributed.check_unwrapped(model)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             "optimizer must be a torch.optim.Optimizer or None, got "
@@ -196,6 +206,7 @@ def sparsify(
     state = generator.get_state()
     _distributed.broadcast_([state])
     generator.set_state(state)
+    _distributed.keep_masks_local(model, topology.masks.values())
     topology.apply_masks(optimizer)
     overall = sparsity
     if not isinstance(distribution, str):

@@ -143,8 +143,12 @@ class _CaptureHook:
             and (
                 current is None
                 or token is None
-                or token[0]() is not current
-                or token[1] != current._version
+                or (
+                    (token[0]() is not current or token[1] != current._version)
+                    # Changed since our hook masked it: reset by zero_grad (all
+                    # zeros), or overwritten by DDP's all-reduce (not zeros).
+                    and not bool(current.any())
+                )
             )
         )
         with torch.no_grad():
@@ -166,6 +170,8 @@ class _MaskGradHook:
         if owner is None or param.grad is None:
             return
         with torch.no_grad():
-            param.grad.mul_(owner.mask)
+            # The same bytes read as uint8: float * uint8 converts the mask on a
+            # vectorised path, float * bool element by element (about 2x slower).
+            param.grad.mul_(owner.mask.view(torch.uint8))
         if owner.capturing:
             owner._grad_token = (weakref.ref(param.grad), param.grad._version)

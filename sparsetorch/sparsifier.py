@@ -140,23 +140,34 @@ class Sparsifier:
         Returns:
             ``False`` when the update was skipped because a weight or gradient
             was NaN or infinite (a warning says which); ``True`` otherwise.
+
+        Raises:
+            RuntimeError: the weights were sharded (FSDP) after sparsifying.
         """
         fraction = self.schedule.drop_fraction_at(self.step_count)
         weights = self.topology.params
+        _distributed.check_params_unsharded(weights)
         grads = {
             fqn: p.dense_grad if self.policy.needs_grad else None
             for fqn, p in self.topology.parametrizations.items()
         }
         _distributed.average_([g for g in grads.values() if g is not None])
         new_masks = {}
+        targets = self.topology.targets  # == each mask's active count, no sync
         try:
             for fqn, mask in self.masks.items():
-                n_active = int(mask.sum())
+                n_active = targets[fqn]
                 n_drop = int(n_active * fraction)
                 if n_drop == 0 or n_active == mask.numel():
                     continue
                 new_masks[fqn] = update_mask(
-                    self.policy, weights[fqn], mask, grads[fqn], n_drop, self.generator
+                    self.policy,
+                    weights[fqn],
+                    mask,
+                    grads[fqn],
+                    n_drop,
+                    self.generator,
+                    n_active=n_active,
                 )
         except FloatingPointError as error:
             warnings.warn(
@@ -226,7 +237,9 @@ class Sparsifier:
                 another model, or other settings, or a mask is corrupted (wrong
                 shape, size or active count).
             TypeError: the checkpoint is not a dict, or a mask has the wrong type.
+            RuntimeError: the weights were sharded (FSDP) after sparsifying.
         """
+        _distributed.check_params_unsharded(self.topology.params)
         if not isinstance(state_dict, Mapping):
             raise TypeError(
                 "Sparsifier.load_state_dict takes the dict made by "
@@ -314,7 +327,11 @@ class Sparsifier:
 
         The model becomes a plain model with zeros, whose parameters are the same
         objects the optimizer holds. The sparsifier cannot be used afterwards.
+
+        Raises:
+            RuntimeError: the weights were sharded (FSDP) after sparsifying.
         """
+        _distributed.check_params_unsharded(self.topology.params)
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
