@@ -272,6 +272,9 @@ class Topology:
         for module in model.modules():
             # Tied weights: a module holding a masked tensor as its own parameter
             # reads it without the parametrization: re-mask it after a load.
+            # (Only then: a hook turns off nn.TransformerEncoderLayer's fast path.)
+            if isinstance(module, parametrize.ParametrizationList):
+                continue
             shared = [
                 stored[id(t)] for t in module._parameters.values() if id(t) in stored
             ]
