@@ -75,6 +75,9 @@ class Policy:
 
         Returns:
             A tensor of ``weight``'s shape; only candidate positions are read.
+            The update overwrites the other positions of a tensor it gets here
+            (it copies ``weight``, ``mask`` or ``grad`` and views of them
+            first), so return a new tensor, not one you keep.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement grow_score().")
 
@@ -121,19 +124,46 @@ def make_policy(policy: str | Policy) -> Policy:
     )
 
 
-def _top(scores: Tensor, eligible: Tensor, k: int, perm: Tensor) -> Tensor:
-    """Bool mask of the ``k`` highest ``scores`` among ``eligible`` positions.
+# Above this many scores, a CPU top-k first narrows the candidates with a threshold
+# estimated from a fixed sample: ``torch.topk`` on a long 1-D tensor is one
+# single-threaded selection over all of it.
+_NARROW_MIN = 1 << 16
+_SAMPLE = 1 << 14
+_SPREAD = 2654435761  # a prime near 2**32 / golden ratio: spreads sample positions
 
-    ``perm`` is a random permutation of the flat positions: ``topk`` runs on the
-    permuted scores, so ties fall to the permutation, not to the position.
+
+def _top(scores: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """Positions of the ``k`` highest of the 1-D ``scores``; ties drawn at random.
+
+    Every score above the ``k``-th highest value is chosen; among the scores
+    equal to it, as many as are still needed are drawn with ``generator`` (only
+    when there are more of them than places), so ties never fall to position.
     """
-    chosen = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        permuted = scores.flatten()[perm].masked_fill(
-            ~eligible.flatten()[perm], float("-inf")
-        )
-        chosen[perm[torch.topk(permuted, k, sorted=False).indices]] = True
-    return chosen.view_as(scores)
+    n = scores.numel()
+    if k >= n or k <= 0:
+        return torch.arange(max(0, min(k, n)), device=scores.device)
+    pool: Tensor | None = None  # positions of the scores that can reach the top k
+    values = scores
+    if scores.device.type == "cpu" and n >= _NARROW_MIN and 4 * k <= n:
+        sample = scores[
+            torch.arange(_SAMPLE, device=scores.device).mul_(_SPREAD).remainder_(n)
+        ]
+        rank = min(_SAMPLE, (k * _SAMPLE * 5) // (4 * n) + 32)
+        floor = torch.kthvalue(sample, _SAMPLE - rank + 1).values
+        candidates = (scores >= floor).nonzero().flatten()
+        # At least k scores reach `floor`, so it is at most the k-th highest value:
+        # every score that can be chosen, ties included, is among the candidates.
+        if candidates.numel() >= k:
+            pool, values = candidates, scores[candidates]
+    top_values, chosen = torch.topk(values, k, sorted=False)
+    threshold = top_values.min()
+    above = top_values > threshold
+    tied = (values == threshold).nonzero().flatten()
+    places = k - int(above.sum())
+    if tied.numel() > places:
+        draw = torch.randperm(tied.numel(), generator=generator)[:places]
+        chosen = torch.cat([chosen[above], tied[draw.to(tied.device)]])
+    return chosen if pool is None else pool[chosen]
 
 
 def update_mask(
@@ -143,8 +173,17 @@ def update_mask(
     grad: Tensor | None,
     n_drop: int,
     generator: torch.Generator,
+    *,
+    n_active: int | None = None,
 ) -> Tensor:
     """Compute the mask after one update: drop ``n_drop`` active, grow ``n_drop``.
+
+    The ``n_drop`` active weights of lowest :meth:`~Policy.drop_score` are
+    dropped; then the ``n_drop`` positions of highest :meth:`~Policy.grow_score`
+    among all positions not kept (including the ones just dropped) are grown.
+    Ties at either cut are drawn with ``generator``. The work is one top-k over
+    the active weights and one over the candidates for growth; no permutation of
+    the whole tensor is drawn.
 
     Args:
         policy: scores what to drop and what to grow.
@@ -154,6 +193,8 @@ def update_mask(
         n_drop: how many active weights to drop (and grow); at most the number
             of active weights.
         generator: CPU generator for tie-breaking and random growth.
+        n_active: the number of active weights in ``mask``, when the caller
+            knows it (it saves a device sync). Default: ``None`` (counted).
 
     Returns:
         A new bool mask with exactly as many active weights as ``mask``.
@@ -172,22 +213,44 @@ def update_mask(
     """
     if n_drop == 0:
         return mask.clone()
-    n = mask.numel()
-    perm = torch.randperm(n, generator=generator).to(mask.device)
-    drop = policy.drop_score(weight, mask)
-    _check_finite(drop, mask, "drop", type(policy).__name__)
-    dropped = _top(-drop, mask, n_drop, perm)
-    kept = mask & ~dropped
-    grow = policy.grow_score(weight, mask, grad, generator)
-    _check_finite(grow, ~kept, "grow", type(policy).__name__)
-    grown = _top(grow, ~kept, n_drop, perm)
-    return kept | grown
+    name = type(policy).__name__
+    flat = mask.flatten()
+    if n_active is None or flat.device.type == "cpu":
+        active = flat.nonzero().flatten()  # no sync to avoid on the CPU
+    else:
+        active = torch.nonzero_static(flat, size=n_active).flatten()
+    # Dropping the n_drop lowest drop scores keeps the others: choose those.
+    drop = policy.drop_score(weight, mask).flatten()[active]  # (n_active,)
+    _check_finite(drop, "drop", name)
+    kept = active[_top(drop, active.numel() - n_drop, generator)]
+    grow = policy.grow_score(weight, mask, grad, generator).flatten()
+    if not grow.is_floating_point() or _shares_memory(grow, weight, mask, grad):
+        grow = grow.float() if not grow.is_floating_point() else grow.clone()
+    _check_finite(grow, "grow", name, skip=kept)
+    grown = _top(grow.index_fill_(0, kept, float("-inf")), n_drop, generator)
+    new = torch.zeros_like(flat)
+    new[kept] = True
+    new[grown] = True
+    return new.view_as(mask)
 
 
-def _check_finite(scores: Tensor, where: Tensor, kind: str, policy: str) -> None:
-    if not bool(torch.isfinite(scores.masked_fill(~where, 0)).all()):
-        bad = int((~torch.isfinite(scores) & where).sum())
+def _shares_memory(scores: Tensor, *tensors: Tensor | None) -> bool:
+    ptr = scores.untyped_storage().data_ptr()
+    return any(t is not None and t.untyped_storage().data_ptr() == ptr for t in tensors)
+
+
+def _check_finite(
+    scores: Tensor, kind: str, policy: str, skip: Tensor | None = None
+) -> None:
+    """Raise if ``scores`` has a NaN or inf outside the positions ``skip``."""
+    if bool(torch.isfinite(scores.sum())):
+        return  # no NaN/inf (a sum that merely overflows is checked in full below)
+    bad = ~torch.isfinite(scores)
+    if skip is not None:
+        bad[skip] = False  # never read by the update
+    count = int(bad.sum())
+    if count:
         raise FloatingPointError(
-            f"{policy}.{kind}_score gave {bad} NaN/inf value(s); the update would "
+            f"{policy}.{kind}_score gave {count} NaN/inf value(s); the update would "
             "pick them silently."
         )
