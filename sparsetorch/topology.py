@@ -350,14 +350,18 @@ class Topology:
         for fqn, new in new_masks.items():
             entry = self._entries[fqn]
             param, old = entry.param, entry.mask
-            reset = ~(old & new)
-            param.masked_fill_(reset, 0.0)
+            # One float copy of the kept positions, multiplied into the weight
+            # and each state tensor: a vectorised pass each (masked_fill with a
+            # bool mask goes element by element; so does bool -> float, uint8 ->
+            # float does not).
+            keep = (old & new).view(torch.uint8).to(param.dtype)
+            param.mul_(keep)
             if grow_value != 0.0:
                 param.masked_fill_(new & ~old, grow_value)
             if param.grad is not None:
-                param.grad.mul_(new)
+                param.grad.mul_(new.view(torch.uint8))
             if optimizer is not None:
-                _reset_state(optimizer, param, reset)
+                _keep_state(optimizer, param, keep)
             old.copy_(new)
             entry.parametrization.stale = False
 
@@ -434,6 +438,16 @@ def _reset_state(
     for value in optimizer.state.get(param, {}).values():
         if isinstance(value, Tensor) and value.shape == param.shape:
             value.masked_fill_(where, 0)
+
+
+def _keep_state(optimizer: torch.optim.Optimizer, param: Tensor, keep: Tensor) -> None:
+    """Zero every optimizer state tensor of ``param``'s shape where ``keep`` is 0."""
+    for value in optimizer.state.get(param, {}).values():
+        if isinstance(value, Tensor) and value.shape == param.shape:
+            if value.is_floating_point():
+                value.mul_(keep)
+            else:
+                value.masked_fill_(keep == 0, 0)
 
 
 def _plist(module: nn.Module, name: str) -> parametrize.ParametrizationList:
