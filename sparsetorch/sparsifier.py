@@ -180,6 +180,8 @@ class Sparsifier:
             for p in self.topology.parametrizations.values():
                 p.release()
         self.topology.apply(new_masks, self.optimizer, self.grow_init)
+        if new_masks and isinstance(self.optimizer, torch.optim.LBFGS):
+            _restart_lbfgs(self.optimizer)
         self.update_count += 1
         return True
 
@@ -422,6 +424,21 @@ def _check_version(state_dict: Mapping[str, Any]) -> int:
             f"sparsetorch reads versions {list(READABLE_VERSIONS)}."
         )
     return version
+
+
+def _restart_lbfgs(optimizer: torch.optim.LBFGS) -> None:
+    """Drop L-BFGS's curvature history after an update.
+
+    The history is flat over all parameters and spans the dropped weights, so
+    the next direction would write outside the masks. The next step starts
+    afresh (steepest descent), as L-BFGS's first step does.
+    """
+    state = optimizer.state[optimizer.param_groups[0]["params"][0]]
+    history = ("d", "t", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_grad")
+    for key in (*history, "prev_loss"):
+        state.pop(key, None)
+    if "n_iter" in state:
+        state["n_iter"] = 0
 
 
 def _same(a: Any, b: Any) -> bool:

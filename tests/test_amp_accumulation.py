@@ -1,0 +1,281 @@
+"""Gradient accumulation and mixed precision (autocast, GradScaler) on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import sparsetorch as st
+
+
+def _sparse(
+    *, update_interval: int = 2, momentum: float = 0.9
+) -> tuple[nn.Module, torch.optim.Optimizer, st.Sparsifier]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 6))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum)
+    sparsifier = st.sparsify(
+        model,
+        optimizer,
+        sparsity=0.75,
+        distribution="uniform",
+        total_steps=1000,
+        update_interval=update_interval,
+        drop_fraction=0.5,
+    )
+    return model, optimizer, sparsifier
+
+
+def _batches(n: int, size: int = 16) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(size, 12, generator=g), torch.randint(0, 6, (size,), generator=g))
+        for _ in range(n)
+    ]
+
+
+def _check_invariants(
+    sparsifier: st.Sparsifier, optimizer: torch.optim.Optimizer, *, grads: bool = True
+) -> None:
+    params = sparsifier.topology.params
+    targets = sparsifier.topology.targets
+    for fqn, mask in sparsifier.masks.items():
+        param = params[fqn]
+        assert int(mask.sum()) == targets[fqn], fqn
+        assert int(param[~mask].count_nonzero()) == 0, fqn
+        if grads and param.grad is not None:
+            assert int(param.grad[~mask].count_nonzero()) == 0, fqn
+        for value in optimizer.state[param].values():
+            if isinstance(value, Tensor) and value.shape == param.shape:
+                assert int(value[~mask].count_nonzero()) == 0, fqn
+
+
+def _dense_grads(sparsifier: st.Sparsifier) -> dict[str, Tensor]:
+    grads = {}
+    for fqn, p in sparsifier.topology.parametrizations.items():
+        assert p.dense_grad is not None, fqn
+        grads[fqn] = p.dense_grad.clone()
+    return grads
+
+
+def _assert_same_weights(a: nn.Module, b: nn.Module, *, atol: float = 0.0) -> None:
+    """Same keys; bit-exact values (or within ``atol``)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for key in sa:
+        if atol:
+            torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=atol)
+        else:
+            assert torch.equal(sa[key], sb[key]), key
+
+
+def _micro_batches(model: nn.Module, x: Tensor, y: Tensor, n: int) -> None:
+    for xs, ys in zip(x.chunk(n), y.chunk(n), strict=True):
+        (F.cross_entropy(model(xs), ys) / n).backward()
+
+
+# -- gradient accumulation ----------------------------------------------------------
+
+
+def test_dense_grad_over_micro_batches_equals_full_batch_grad_and_gives_same_masks():
+    (x0, y0), (x, y) = _batches(2)
+    acc_model, acc_opt, acc = _sparse()
+    full_model, full_opt, full = _sparse()
+    for model, opt in ((acc_model, acc_opt), (full_model, full_opt)):
+        opt.zero_grad()
+        F.cross_entropy(model(x0), y0).backward()
+        opt.step()  # step 1; step 2 updates, so its backward passes capture
+
+    acc_opt.zero_grad()
+    _micro_batches(acc_model, x, y, 4)
+    full_opt.zero_grad()
+    F.cross_entropy(full_model(x), y).backward()
+
+    # Independent reference: a plain dense model holding the effective weights.
+    plain = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 6))
+    plain.load_state_dict(full_model.state_dict())
+    F.cross_entropy(plain(x), y).backward()
+    acc_grads, full_grads = _dense_grads(acc), _dense_grads(full)
+    for fqn in ("0.weight", "2.weight"):
+        reference = plain.get_parameter(fqn).grad
+        assert reference is not None
+        assert torch.equal(full_grads[fqn], reference)
+        assert int(reference.count_nonzero()) > int(acc.masks[fqn].sum())  # dense
+        torch.testing.assert_close(acc_grads[fqn], reference, rtol=0, atol=1e-6)
+
+    before = {fqn: m.clone() for fqn, m in acc.masks.items()}
+    acc_opt.step()
+    full_opt.step()
+    assert (acc.step_count, acc.update_count) == (full.step_count, full.update_count)
+    assert (acc.update_count, acc.step_count) == (1, 2)
+    for fqn in acc.masks:
+        assert torch.equal(acc.masks[fqn], full.masks[fqn])
+        assert not torch.equal(acc.masks[fqn], before[fqn])
+    _assert_same_weights(acc_model, full_model, atol=1e-6)
+    _check_invariants(acc, acc_opt)
+
+
+def test_updates_once_per_update_interval_optimizer_steps_with_micro_batches():
+    model, optimizer, sparsifier = _sparse(update_interval=3)
+    changed_at = []
+    for x, y in _batches(9):
+        before = {fqn: m.clone() for fqn, m in sparsifier.masks.items()}
+        optimizer.zero_grad()
+        _micro_batches(model, x, y, 4)
+        optimizer.step()
+        if any(not torch.equal(m, before[f]) for f, m in sparsifier.masks.items()):
+            changed_at.append(sparsifier.step_count)
+        _check_invariants(sparsifier, optimizer)
+    assert changed_at == [3, 6, 9]
+    assert (sparsifier.step_count, sparsifier.update_count) == (9, 3)
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_restarts_the_dense_grad_sum(set_to_none: bool):
+    (x0, y0), (x, y) = _batches(2)
+    model, optimizer, sparsifier = _sparse()
+    optimizer.zero_grad()
+    F.cross_entropy(model(x0), y0).backward()
+    optimizer.step()
+    # A backward pass that zero_grad discards: the capture must forget it too.
+    (100 * F.cross_entropy(model(x0), y0)).backward()
+    optimizer.zero_grad(set_to_none=set_to_none)
+    _micro_batches(model, x, y, 4)
+
+    plain = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 6))
+    plain.load_state_dict(model.state_dict())
+    F.cross_entropy(plain(x), y).backward()
+    for fqn, grad in _dense_grads(sparsifier).items():
+        reference = plain.get_parameter(fqn).grad
+        assert reference is not None
+        torch.testing.assert_close(grad, reference, rtol=0, atol=1e-6)
+
+
+def test_dense_grad_sum_survives_grad_overwritten_between_micro_batches():
+    # DDP without no_sync() writes the all-reduced gradient into .grad after each
+    # backward pass; that is not a reset, so the sum must go on.
+    (x0, y0), (x, y) = _batches(2)
+    model, optimizer, sparsifier = _sparse()
+    optimizer.zero_grad()
+    F.cross_entropy(model(x0), y0).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    for xs, ys in zip(x.chunk(4), y.chunk(4), strict=True):
+        (F.cross_entropy(model(xs), ys) / 4).backward()
+        with torch.no_grad():
+            for param in sparsifier.topology.params.values():
+                assert param.grad is not None
+                param.grad.copy_(param.grad.clone())  # bumps ._version
+
+    plain = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 6))
+    plain.load_state_dict(model.state_dict())
+    F.cross_entropy(plain(x), y).backward()
+    for fqn, grad in _dense_grads(sparsifier).items():
+        reference = plain.get_parameter(fqn).grad
+        assert reference is not None
+        torch.testing.assert_close(grad, reference, rtol=0, atol=1e-6)
+
+
+# -- mixed precision ----------------------------------------------------------------
+
+
+def _train_with_scaler(
+    *, inject_inf_at: int | None, enabled: bool = True
+) -> tuple[nn.Module, st.Sparsifier, list[tuple[str, int, int, float]]]:
+    model, optimizer, sparsifier = _sparse(update_interval=3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, enabled=enabled)
+    log: list[tuple[str, int, int, float]] = []
+    for i, (x, y) in enumerate(_batches(7)):
+        if i == inject_inf_at:
+            masks = {fqn: m.clone() for fqn, m in sparsifier.masks.items()}
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y) * float("inf")
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)  # skipped: the gradients are not finite
+            scaler.update()
+            log.append(("skipped", sparsifier.step_count, sparsifier.update_count, 0.0))
+            assert all(torch.equal(m, masks[f]) for f, m in sparsifier.masks.items())
+            # (.grad is NaN there: masking multiplies, and inf * 0 is NaN.)
+            _check_invariants(sparsifier, optimizer, grads=False)
+        optimizer.zero_grad()
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        log.append(
+            ("step", sparsifier.step_count, sparsifier.update_count, scaler.get_scale())
+        )
+        _check_invariants(sparsifier, optimizer)
+    return model, sparsifier, log
+
+
+def test_grad_scaler_skipped_step_delays_the_update_and_loses_nothing():
+    # Step 3 updates; its first try has inf gradients (the dense ones captured
+    # for RigL too). The scaler skips the optimizer step, so the step is not
+    # counted and the update waits for the retry, which captures afresh.
+    model, sparsifier, log = _train_with_scaler(inject_inf_at=2)
+    assert log == [
+        ("step", 1, 0, 65536.0),
+        ("step", 2, 0, 65536.0),
+        ("skipped", 2, 0, 0.0),
+        ("step", 3, 1, 32768.0),
+        ("step", 4, 1, 32768.0),
+        ("step", 5, 1, 32768.0),
+        ("step", 6, 2, 32768.0),
+        ("step", 7, 2, 32768.0),
+    ]
+    reference_model, reference, _ = _train_with_scaler(inject_inf_at=None)
+    for fqn, mask in sparsifier.masks.items():
+        assert torch.equal(mask, reference.masks[fqn])
+    # Bit-exact: the scale is a power of two, so the skip changes no value.
+    _assert_same_weights(model, reference_model)
+
+
+def test_grad_scaler_training_is_bit_exact_with_unscaled_training():
+    scaled_model, scaled, _ = _train_with_scaler(inject_inf_at=None)
+    plain_model, plain, _ = _train_with_scaler(inject_inf_at=None, enabled=False)
+    assert scaled.update_count == plain.update_count == 2
+    for fqn, mask in scaled.masks.items():
+        assert torch.equal(mask, plain.masks[fqn])
+    _assert_same_weights(scaled_model, plain_model)
+
+
+def test_autocast_bf16_captures_fp32_dense_grads_and_keeps_invariants():
+    model, optimizer, sparsifier = _sparse(update_interval=2)
+    parametrizations = sparsifier.topology.parametrizations
+    for step, (x, y) in enumerate(_batches(4), start=1):
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)
+            assert logits.dtype == torch.bfloat16
+            loss = F.cross_entropy(logits, y)
+        loss.backward()
+        if step % 2 == 0:  # the update steps: dense fp32 gradients captured
+            for fqn, p in parametrizations.items():
+                assert p.dense_grad is not None
+                assert p.dense_grad.dtype == torch.float32
+                assert bool(p.dense_grad.isfinite().all())
+                inactive = p.dense_grad[~sparsifier.masks[fqn]]
+                assert int(inactive.count_nonzero()) > 0
+        optimizer.step()
+        _check_invariants(sparsifier, optimizer)
+    assert (sparsifier.step_count, sparsifier.update_count) == (4, 2)
+    for p in parametrizations.values():
+        assert p.dense_grad is None  # released after the update
+
+
+def test_bf16_model_trains_with_bf16_dense_grads():
+    model, optimizer, sparsifier = _sparse(update_interval=2)
+    model.to(torch.bfloat16)
+    for x, y in _batches(4):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x.bfloat16()), y).backward()
+        if sparsifier.step_count % 2 == 1:
+            for p in sparsifier.topology.parametrizations.values():
+                assert p.dense_grad is not None
+                assert p.dense_grad.dtype == torch.bfloat16
+        optimizer.step()
+        _check_invariants(sparsifier, optimizer)
+    assert sparsifier.update_count == 2
+    assert all(m.dtype == torch.bool for m in sparsifier.masks.values())

@@ -1,0 +1,257 @@
+"""sparsetorch in an ordinary training loop: the pieces around the optimizer."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import sparsetorch as st
+
+
+def _model() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 6))
+
+
+def _sparse(
+    optimizer_cls: type[torch.optim.Optimizer] = torch.optim.SGD,
+    *,
+    update_interval: int = 2,
+    **optimizer_kwargs: float,
+) -> tuple[nn.Module, torch.optim.Optimizer, st.Sparsifier]:
+    torch.manual_seed(0)
+    model = _model()
+    kwargs = {"lr": 0.05, "momentum": 0.9} if optimizer_cls is torch.optim.SGD else {}
+    optimizer = optimizer_cls(model.parameters(), **{**kwargs, **optimizer_kwargs})
+    sparsifier = st.sparsify(
+        model,
+        optimizer,
+        sparsity=0.75,
+        distribution="uniform",
+        total_steps=1000,
+        update_interval=update_interval,
+        drop_fraction=0.5,
+    )
+    return model, optimizer, sparsifier
+
+
+def _batches(n: int, size: int = 16) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(size, 12, generator=g), torch.randint(0, 6, (size,), generator=g))
+        for _ in range(n)
+    ]
+
+
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """An un-sparsified model holding ``model``'s effective weights."""
+    plain = _model().to(next(iter(model.state_dict().values())).dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain
+
+
+def _check_invariants(
+    sparsifier: st.Sparsifier, optimizer: torch.optim.Optimizer
+) -> None:
+    params = sparsifier.topology.params
+    targets = sparsifier.topology.targets
+    for fqn, mask in sparsifier.masks.items():
+        param = params[fqn]
+        assert int(mask.sum()) == targets[fqn], fqn
+        assert int(param[~mask].count_nonzero()) == 0, fqn
+        if param.grad is not None:
+            assert int(param.grad[~mask].count_nonzero()) == 0, fqn
+        for value in optimizer.state[param].values():
+            if isinstance(value, Tensor) and value.shape == param.shape:
+                assert int(value[~mask].count_nonzero()) == 0, fqn
+
+
+@pytest.mark.parametrize("made", ["before sparsify", "after sparsify"])
+def test_lr_scheduler_and_sparsifier_both_count_every_step(made: str):
+    torch.manual_seed(0)
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if made == "before sparsify":
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    sparsifier = st.sparsify(
+        model, optimizer, total_steps=100, update_interval=3, distribution="uniform"
+    )
+    if made == "after sparsify":
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer"
+        for x, y in _batches(6):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            scheduler.step()
+            lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs == [0.1, 0.05, 0.05, 0.025, 0.025, 0.0125]
+    assert (sparsifier.step_count, sparsifier.update_count) == (6, 2)
+    _check_invariants(sparsifier, optimizer)
+
+
+def test_clip_grad_norm_sees_and_clips_the_masked_gradient():
+    model, optimizer, sparsifier = _sparse()
+    for x, y in _batches(4):
+        plain = _plain_copy(model)
+        F.cross_entropy(plain(x), y).backward()
+        masks = {fqn: m.clone() for fqn, m in sparsifier.masks.items()}
+        expected = torch.linalg.vector_norm(
+            torch.cat(
+                [
+                    (p.grad * masks[n] if n in masks else p.grad).flatten()
+                    for n, p in plain.named_parameters()
+                    if p.grad is not None
+                ]
+            )
+        )
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        total = nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.1)
+        torch.testing.assert_close(total, expected, rtol=1e-6, atol=0)
+        assert float(total) > 0.1  # so it did clip
+        clipped = torch.linalg.vector_norm(
+            torch.cat(
+                [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+            )
+        )
+        torch.testing.assert_close(clipped, torch.tensor(0.1), rtol=1e-5, atol=0)
+        optimizer.step()
+        _check_invariants(sparsifier, optimizer)
+    assert sparsifier.update_count == 2
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_either_way_keeps_invariants_across_updates(set_to_none: bool):
+    model, optimizer, sparsifier = _sparse()
+    for x, y in _batches(6):
+        optimizer.zero_grad(set_to_none=set_to_none)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        _check_invariants(sparsifier, optimizer)
+    assert (sparsifier.step_count, sparsifier.update_count) == (6, 3)
+
+
+def test_lbfgs_step_with_closure_counts_once_and_keeps_weights_masked():
+    model, optimizer, sparsifier = _sparse(
+        torch.optim.LBFGS, lr=0.5, max_iter=4, history_size=5
+    )
+    (x, y), *_ = _batches(1, size=64)
+    calls = 0
+
+    def closure() -> Tensor:
+        nonlocal calls
+        calls += 1
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for step in range(1, 7):
+        optimizer.step(closure)
+        assert (sparsifier.step_count, sparsifier.update_count) == (step, step // 2)
+        # L-BFGS's flat history spans dropped weights: it is restarted at each
+        # update, or the next step would write outside the masks.
+        _check_invariants(sparsifier, optimizer)
+    assert calls == 24  # 4 closure calls per step, one count per step
+
+
+def test_eval_and_no_grad_neither_capture_nor_change_masks():
+    model, optimizer, sparsifier = _sparse()
+    (x, y), (x2, y2) = _batches(2)
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()  # step 1: the next step updates, so capturing is armed
+    parametrizations = sparsifier.topology.parametrizations
+    assert all(p.capturing for p in parametrizations.values())
+    masks = {fqn: m.clone() for fqn, m in sparsifier.masks.items()}
+
+    model.eval()
+    assert all(not p.training for p in parametrizations.values())
+    with torch.no_grad():
+        out = model(x2)
+    assert torch.equal(out, _plain_copy(model)(x2))
+    assert all(p.dense_grad is None for p in parametrizations.values())
+    model.train()
+
+    optimizer.zero_grad()
+    F.cross_entropy(model(x2), y2).backward()
+    assert all(p.dense_grad is not None for p in parametrizations.values())
+    assert all(torch.equal(m, masks[f]) for f, m in sparsifier.masks.items())
+    optimizer.step()
+    assert sparsifier.update_count == 1
+    assert any(not torch.equal(m, masks[f]) for f, m in sparsifier.masks.items())
+    _check_invariants(sparsifier, optimizer)
+
+
+def test_to_float64_after_sparsify_keeps_masks_params_and_invariants():
+    model, optimizer, sparsifier = _sparse()
+    masks = dict(sparsifier.masks)
+    params = {fqn: id(p) for fqn, p in sparsifier.topology.params.items()}
+    model.to(torch.float64)
+    assert all(sparsifier.masks[f] is m for f, m in masks.items())  # same buffers
+    assert all(m.dtype == torch.bool for m in sparsifier.masks.values())
+    assert {f: id(p) for f, p in sparsifier.topology.params.items()} == params
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert set(params.values()) <= held
+    for x, y in _batches(4):
+        optimizer.zero_grad()
+        out = model(x.double())
+        assert out.dtype == torch.float64
+        F.cross_entropy(out, y).backward()
+        if sparsifier.step_count % 2 == 1:
+            for p in sparsifier.topology.parametrizations.values():
+                assert p.dense_grad is not None
+                assert p.dense_grad.dtype == torch.float64
+        optimizer.step()
+        _check_invariants(sparsifier, optimizer)
+    assert sparsifier.update_count == 2
+    x, _ = _batches(1)[0]
+    assert torch.equal(model(x.double()), _plain_copy(model)(x.double()))
+
+
+def test_deepcopy_computes_the_same_outputs_and_trains_sparse():
+    model, optimizer, sparsifier = _sparse()
+    for x, y in _batches(3):  # trained, with one update behind it
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert sparsifier.update_count == 1
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    replica = copy.deepcopy(model)
+    (x, y), (x2, y2) = _batches(2)
+    assert torch.equal(replica(x), model(x))
+
+    replica_masks = {
+        fqn: replica.get_submodule(fqn.rpartition(".")[0]).parametrizations.weight[0]
+        for fqn in sparsifier.masks
+    }
+    for fqn, p in replica_masks.items():
+        assert torch.equal(p.mask, sparsifier.masks[fqn])
+        assert p.mask is not sparsifier.masks[fqn]
+    # Adam with weight decay: masked gradients keep dropped weights at zero.
+    replica_opt = torch.optim.AdamW(replica.parameters(), lr=0.01, weight_decay=0.1)
+    for _ in range(3):
+        replica_opt.zero_grad()
+        F.cross_entropy(replica(x2), y2).backward()
+        replica_opt.step()
+    for fqn, p in replica_masks.items():
+        stored = replica.get_parameter(
+            fqn.rpartition(".")[0] + ".parametrizations.weight.original"
+        )
+        assert stored.grad is not None
+        assert int(stored.grad[~p.mask].count_nonzero()) == 0
+        assert int(stored[~p.mask].count_nonzero()) == 0
+        assert int(stored[p.mask].count_nonzero()) == int(p.mask.sum())  # trained
+    # The original is untouched, and still trains with its own hooks.
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+    optimizer.zero_grad()
+    F.cross_entropy(model(x2), y2).backward()
+    optimizer.step()
+    _check_invariants(sparsifier, optimizer)
