@@ -1,0 +1,538 @@
+"""torch.distributed on CPU: 2 processes on gloo, DDP and FSDP2 (``fully_shard``).
+
+One ``torch.multiprocessing.spawn`` of 2 ranks runs every scenario below (process
+start-up dominates the cost on a small machine); each scenario saves plain
+results that the tests compare across ranks and against a single-process run
+on the same global batch.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from expecttest import assert_expected_inline
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import sparsetorch as st
+
+WORLD = 2
+STEPS = 6  # updates at steps 2, 4, 6
+LOCAL = 16  # samples per rank per step; the global batch is WORLD * LOCAL
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
+
+
+# -- what every rank (and the single-process reference) trains ----------------------
+
+
+def _model() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 6))
+
+
+def _sparse(
+    policy: str = "rigl", seed: int = 0
+) -> tuple[nn.Module, torch.optim.Optimizer, st.Sparsifier]:
+    torch.manual_seed(0)
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = st.sparsify(
+        model,
+        optimizer,
+        policy=policy,
+        sparsity=0.75,
+        distribution="uniform",
+        total_steps=100,
+        update_interval=2,
+        drop_fraction=0.5,
+        seed=seed,
+    )
+    return model, optimizer, sparsifier
+
+
+def _global_batch(step: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(WORLD * LOCAL, 12, generator=g), torch.randint(
+        0, 6, (WORLD * LOCAL,), generator=g
+    )
+
+
+def _local_batch(step: int, rank: int) -> tuple[Tensor, Tensor]:
+    x, y = _global_batch(step)
+    return x[rank * LOCAL : (rank + 1) * LOCAL], y[rank * LOCAL : (rank + 1) * LOCAL]
+
+
+def _masks(sparsifier: st.Sparsifier) -> dict[str, Tensor]:
+    return {fqn: m.clone() for fqn, m in sparsifier.masks.items()}
+
+
+def _weights(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+_ALL_REDUCE = dist.all_reduce
+
+
+class _Spy:
+    """Record what sparsetorch and DDP send through torch.distributed."""
+
+    def __init__(self) -> None:
+        self.all_reduce_bytes: list[int] = []
+        self.broadcasts: list[list[tuple[str, int]]] = []
+        self._all_reduce = dist.all_reduce
+        self._broadcast_coalesced = dist._broadcast_coalesced
+
+    def __enter__(self) -> _Spy:
+        def all_reduce(tensor: Tensor, *args: Any, **kwargs: Any) -> Any:
+            self.all_reduce_bytes.append(tensor.numel() * tensor.element_size())
+            return self._all_reduce(tensor, *args, **kwargs)
+
+        def broadcast_coalesced(pg: Any, tensors: list[Tensor], *a: Any) -> Any:
+            self.broadcasts.append([(str(t.dtype), t.numel()) for t in tensors])
+            return self._broadcast_coalesced(pg, tensors, *a)
+
+        dist.all_reduce = all_reduce
+        dist._broadcast_coalesced = broadcast_coalesced
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        dist.all_reduce = self._all_reduce
+        dist._broadcast_coalesced = self._broadcast_coalesced
+
+
+# -- scenarios (run on every rank) --------------------------------------------------
+
+
+def _ddp_training(rank: int, out: str, micro: str) -> dict[str, Any]:
+    """RigL under DDP for STEPS steps; ``micro``: "none", "sync" or "no_sync"."""
+    model, optimizer, sparsifier = _sparse()
+    initial = _masks(sparsifier)
+    ddp = DDP(model)
+    outside: list[int] = []  # DDP's view of each masked grad, outside the mask
+    inside: list[int] = []
+    if micro == "none":
+        masks_by_param = {
+            id(p): sparsifier.masks[fqn]
+            for fqn, p in sparsifier.topology.params.items()
+        }
+
+        def spy_hook(state, bucket):  # type: ignore[no-untyped-def]
+            # (No annotations: DDP checks them, and they are strings here.)
+            for grad, param in zip(
+                bucket.gradients(), bucket.parameters(), strict=True
+            ):
+                mask = masks_by_param.get(id(param))
+                if mask is not None:
+                    outside.append(int(grad[~mask].count_nonzero()))
+                    inside.append(int(grad[mask].count_nonzero()))
+            # DDP's own averaging, through the unspied all_reduce.
+            buffer = bucket.buffer().div_(WORLD)
+            work = _ALL_REDUCE(buffer, async_op=True)
+            return work.get_future().then(lambda fut: fut.value()[0])
+
+        ddp.register_comm_hook(None, spy_hook)
+    masks, per_step_bytes = [], []
+    with _Spy() as spy:
+        for step in range(1, STEPS + 1):
+            x, y = _local_batch(step, rank)
+            optimizer.zero_grad()
+            before = len(spy.all_reduce_bytes)
+            if micro == "none":
+                F.cross_entropy(ddp(x), y).backward()
+            else:
+                for i, (xs, ys) in enumerate(zip(x.chunk(2), y.chunk(2), strict=True)):
+                    if micro == "no_sync" and i == 0:
+                        with ddp.no_sync():
+                            (F.cross_entropy(ddp(xs), ys) / 2).backward()
+                    else:
+                        (F.cross_entropy(ddp(xs), ys) / 2).backward()
+            optimizer.step()
+            per_step_bytes.append(sum(spy.all_reduce_bytes[before:]))
+            masks.append(_masks(sparsifier))
+    result = {
+        "initial": initial,
+        "masks": masks,
+        "weights": _weights(model),
+        "updates": sparsifier.update_count,
+        "all_reduce_bytes_per_step": per_step_bytes,
+        "buffer_broadcasts": len(spy.broadcasts),
+        "ddp_buffers": sorted(ddp.named_module_buffers),
+        "ignored": sorted(ddp.parameters_to_ignore),
+        "grad_nonzeros_outside_masks": outside,
+        "grad_nonzeros_inside_masks": inside,
+    }
+    if micro == "none":
+        result.update(_checkpoint_resume(rank, out, ddp, model, optimizer, sparsifier))
+    return result
+
+
+def _checkpoint_resume(
+    rank: int,
+    out: str,
+    ddp: DDP,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sparsifier: st.Sparsifier,
+) -> dict[str, Any]:
+    """Rank 0 saves; every rank resumes a fresh model; compare with going on."""
+    path = os.path.join(out, "checkpoint.pt")
+    if rank == 0:
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "sparsity": sparsifier.state_dict(),
+            },
+            path,
+        )
+    dist.barrier()
+    torch.manual_seed(1000 + rank)  # other weights and masks: the load must win
+    fresh = _model()
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    fresh_sp = st.sparsify(
+        fresh,
+        fresh_opt,
+        sparsity=0.75,
+        distribution="uniform",
+        total_steps=100,
+        update_interval=2,
+        drop_fraction=0.5,
+        seed=1000 + rank,
+    )
+    checkpoint = torch.load(path, weights_only=True)
+    fresh.load_state_dict(checkpoint["model"])
+    fresh_opt.load_state_dict(checkpoint["optimizer"])
+    fresh_sp.load_state_dict(checkpoint["sparsity"])
+    fresh_ddp = DDP(fresh)
+    for step in (STEPS + 1, STEPS + 2):  # the second one updates
+        x, y = _local_batch(step, rank)
+        for m, opt in ((ddp, optimizer), (fresh_ddp, fresh_opt)):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+    return {
+        "resumed_masks": _masks(fresh_sp),
+        "resumed_weights": _weights(fresh),
+        "resumed_updates": fresh_sp.update_count,
+        "continued_masks": _masks(sparsifier),
+        "continued_weights": _weights(model),
+    }
+
+
+def _set_with_rank_seeds(rank: int, out: str) -> dict[str, Any]:
+    """SET grows at random: each rank seeds differently; rank 0's stream wins."""
+    model, optimizer, sparsifier = _sparse(policy="set", seed=rank)
+    initial = _masks(sparsifier)
+    ddp = DDP(model)
+    masks = []
+    for step in range(1, 5):
+        x, y = _local_batch(step, rank)
+        optimizer.zero_grad()
+        F.cross_entropy(ddp(x), y).backward()
+        optimizer.step()
+        masks.append(_masks(sparsifier))
+    return {"initial": initial, "masks": masks, "updates": sparsifier.update_count}
+
+
+def _batchnorm_buffers(rank: int, out: str) -> dict[str, Any]:
+    """DDP still broadcasts BatchNorm's buffers every forward, never the masks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.BatchNorm1d(24), nn.Linear(24, 6))
+    st.sparsify(model, policy="static", sparsity=0.5)
+    ddp = DDP(model)
+    with _Spy() as spy:
+        for step in (1, 2):
+            ddp(_local_batch(step, rank)[0]).sum().backward()
+    return {
+        "broadcasts": spy.broadcasts,
+        "ddp_buffers": sorted(ddp.named_module_buffers),
+    }
+
+
+def _errors(rank: int, out: str) -> dict[str, Any]:
+    from torch.distributed.fsdp import fully_shard
+
+    messages = {}
+    model = _model()
+    ddp = DDP(model)
+    try:
+        st.sparsify(ddp, policy="static")
+    except RuntimeError as error:
+        messages["ddp"] = str(error)
+    messages["ddp_untouched"] = not hasattr(model[0], "parametrizations")
+
+    sharded = _model()
+    fully_shard(sharded)
+    try:
+        st.sparsify(sharded, policy="static")
+    except RuntimeError as error:
+        messages["fsdp"] = str(error)
+    messages["fsdp_untouched"] = not hasattr(sharded[0], "parametrizations")
+    return messages
+
+
+def _fully_shard_after_sparsify(rank: int, out: str) -> dict[str, Any]:
+    """Forward/backward work on the all-gathered weights; the first update raises."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = _model()
+    sparsifier = st.sparsify(
+        model, sparsity=0.75, distribution="uniform", total_steps=100, update_interval=2
+    )
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    result: dict[str, Any] = {}
+    for step in (1, 2):
+        x, y = _local_batch(step, rank)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        outside = []
+        for fqn, mask in sparsifier.masks.items():
+            param = sparsifier.topology.params[fqn]
+            assert param.grad is not None
+            grad = param.grad.full_tensor()  # type: ignore[attr-defined]
+            weight = param.full_tensor()  # type: ignore[attr-defined]
+            outside += [
+                int(grad[~mask].count_nonzero()),
+                int(weight[~mask].count_nonzero()),
+            ]
+        result[f"outside_after_step_{step}"] = outside
+        try:
+            sparsifier.step()  # step 2 updates
+        except RuntimeError as error:
+            result["update_error"] = str(error)
+    result["updates"] = sparsifier.update_count
+    return result
+
+
+SCENARIOS: dict[str, Callable[[int, str], dict[str, Any]]] = {
+    "ddp": lambda rank, out: _ddp_training(rank, out, "none"),
+    "ddp_accumulate_sync": lambda rank, out: _ddp_training(rank, out, "sync"),
+    "ddp_accumulate_no_sync": lambda rank, out: _ddp_training(rank, out, "no_sync"),
+    "set_rank_seeds": _set_with_rank_seeds,
+    "batchnorm": _batchnorm_buffers,
+    "errors": _errors,
+    "fsdp_after": _fully_shard_after_sparsify,
+}
+
+
+def _worker(rank: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{out}/store",
+        rank=rank,
+        world_size=WORLD,
+    )
+    results: dict[str, Any] = {}
+    try:
+        for name, scenario in SCENARIOS.items():
+            try:
+                results[name] = scenario(rank, out)
+            except Exception:  # reported by the test of that scenario
+                results[name] = {"error": traceback.format_exc()}
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("distributed")
+    mp.spawn(_worker, args=(str(out),), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def _scenario(ranks: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    results = [r[name] for r in ranks]
+    for rank, result in enumerate(results):
+        assert "error" not in result, f"rank {rank}:\n{result.get('error')}"
+    return results
+
+
+@pytest.fixture(scope="module")
+def single_process() -> dict[str, Any]:
+    """The same training in one process on the global batch."""
+    model, optimizer, sparsifier = _sparse()
+    masks = []
+    for step in range(1, STEPS + 1):
+        x, y = _global_batch(step)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        masks.append(_masks(sparsifier))
+    return {
+        "masks": masks,
+        "weights": _weights(model),
+        "updates": sparsifier.update_count,
+    }
+
+
+def _assert_same_masks(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
+    assert list(a) == list(b)
+    for fqn in a:
+        assert torch.equal(a[fqn], b[fqn]), fqn
+
+
+# -- DDP ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "scenario", ["ddp", "ddp_accumulate_sync", "ddp_accumulate_no_sync"]
+)
+def test_ddp_ranks_hold_identical_masks_equal_to_single_process_run(
+    ranks: list[dict[str, Any]], single_process: dict[str, Any], scenario: str
+):
+    r0, r1 = _scenario(ranks, scenario)
+    _assert_same_masks(r0["initial"], r1["initial"])
+    assert r0["updates"] == r1["updates"] == single_process["updates"] == 3
+    for step in range(STEPS):
+        _assert_same_masks(r0["masks"][step], r1["masks"][step])
+        # RigL, same seed, same global batch: the same topology as one process.
+        _assert_same_masks(r0["masks"][step], single_process["masks"][step])
+    changed = [
+        step + 1
+        for step in range(1, STEPS)
+        if any(
+            not torch.equal(r0["masks"][step][f], r0["masks"][step - 1][f])
+            for f in r0["masks"][step]
+        )
+    ]
+    assert changed == [2, 4, 6]
+    for key, value in r0["weights"].items():
+        assert torch.equal(value, r1["weights"][key]), key
+        torch.testing.assert_close(
+            value, single_process["weights"][key], rtol=0, atol=1e-5
+        )
+
+
+def test_ddp_broadcasts_no_masks_between_or_at_updates(ranks: list[dict[str, Any]]):
+    for result in _scenario(ranks, "ddp"):
+        assert result["ddp_buffers"] == []
+        assert result["ignored"] == [
+            "0.parametrizations.weight.0.mask",
+            "2.parametrizations.weight.0.mask",
+        ]
+        assert result["buffer_broadcasts"] == 0
+
+
+def test_ddp_still_broadcasts_batchnorm_buffers_but_not_masks(
+    ranks: list[dict[str, Any]],
+):
+    for result in _scenario(ranks, "batchnorm"):
+        assert result["ddp_buffers"] == [
+            "1.num_batches_tracked",
+            "1.running_mean",
+            "1.running_var",
+        ]
+        per_forward = [("torch.float32", 24), ("torch.float32", 24), ("torch.int64", 1)]
+        assert result["broadcasts"] == [per_forward, per_forward]
+
+
+def test_sparsetorch_all_reduces_4_bytes_per_masked_weight_per_update_only(
+    ranks: list[dict[str, Any]],
+):
+    masked = 12 * 24 + 24 * 6
+    for result in _scenario(ranks, "ddp"):
+        assert result["all_reduce_bytes_per_step"] == [0, 4 * masked] * (STEPS // 2)
+
+
+def test_ddp_all_reduces_masked_gradients(ranks: list[dict[str, Any]]):
+    # sparsetorch's post-accumulate-grad hook masks .grad before DDP's reducer
+    # copies it into the bucket: DDP sees zeros outside every mask.
+    for result in _scenario(ranks, "ddp"):
+        # 2 masked weights, STEPS steps and 2 after the checkpoint.
+        assert result["grad_nonzeros_outside_masks"] == [0] * (2 * (STEPS + 2))
+        assert min(result["grad_nonzeros_inside_masks"]) > 0
+
+
+def test_checkpoint_saved_on_rank_0_resumes_every_rank_exactly(
+    ranks: list[dict[str, Any]],
+):
+    for result in _scenario(ranks, "ddp"):
+        assert result["resumed_updates"] == 4
+        _assert_same_masks(result["resumed_masks"], result["continued_masks"])
+        assert not all(
+            torch.equal(result["resumed_masks"][f], result["masks"][-1][f])
+            for f in result["masks"][-1]
+        )  # the resumed run did update
+        for key, value in result["resumed_weights"].items():
+            assert torch.equal(value, result["continued_weights"][key]), key
+
+
+def test_random_growth_is_identical_across_ranks_seeded_differently(
+    ranks: list[dict[str, Any]],
+):
+    r0, r1 = _scenario(ranks, "set_rank_seeds")
+    _, _, seed_0 = _sparse(policy="set", seed=0)
+    _assert_same_masks(r0["initial"], seed_0.masks)  # rank 0's draw, everywhere
+    _assert_same_masks(r1["initial"], seed_0.masks)
+    assert r0["updates"] == r1["updates"] == 2
+    for step in range(4):
+        _assert_same_masks(r0["masks"][step], r1["masks"][step])
+    assert not torch.equal(r0["masks"][-1]["0.weight"], r0["initial"]["0.weight"])
+
+
+def test_sparsify_a_ddp_wrapped_model_raises_and_changes_nothing(
+    ranks: list[dict[str, Any]],
+):
+    result = _scenario(ranks, "errors")[0]
+    assert result["ddp_untouched"]
+    assert_expected_inline(
+        result["ddp"],
+        """\
+Cannot sparsify a model already wrapped in DistributedDataParallel.
+Registering the masks re-creates each weight's gradient accumulator, which DDP hooked when it was built, so DDP would stop all-reducing those gradients.
+Sparsify first, then wrap: sparsifier = sparsify(model, optimizer, ...); model = DistributedDataParallel(model).""",
+    )
+
+
+# -- FSDP2 --------------------------------------------------------------------------
+
+
+def test_sparsify_a_fully_sharded_model_raises_and_changes_nothing(
+    ranks: list[dict[str, Any]],
+):
+    result = _scenario(ranks, "errors")[0]
+    assert result["fsdp_untouched"]
+    assert_expected_inline(
+        result["fsdp"],
+        """\
+sparsetorch does not support sharded parameters (FSDP, fully_shard, DTensor): module '<root>' is a FSDPSequential.
+Its masks, topology updates (a top-k over each whole weight) and optimizer-state resets work on whole local tensors, and a sharded weight exists whole only inside FSDP's forward and backward (an all-gathered copy that FSDP discards, so writes to it are lost).
+Train with DistributedDataParallel instead: sparsify(model, ...), then DistributedDataParallel(model). See docs/distributed.md.""",
+    )
+
+
+def test_fully_shard_after_sparsify_trains_masked_until_the_first_update_raises(
+    ranks: list[dict[str, Any]],
+):
+    for result in _scenario(ranks, "fsdp_after"):
+        # Sharded gradients and weights are zero outside the masks...
+        assert result["outside_after_step_1"] == [0, 0, 0, 0]
+        assert result["outside_after_step_2"] == [0, 0, 0, 0]
+        # ...but no update can run on sharded weights.
+        assert result["updates"] == 0
+    assert_expected_inline(
+        ranks[0]["fsdp_after"]["update_error"],
+        """\
+sparsetorch does not support sharded parameters (FSDP, fully_shard, DTensor): parameter '0.weight' is a DTensor (placements (Shard(dim=0),)).
+Its masks, topology updates (a top-k over each whole weight) and optimizer-state resets work on whole local tensors, and a sharded weight exists whole only inside FSDP's forward and backward (an all-gathered copy that FSDP discards, so writes to it are lost).
+Train with DistributedDataParallel instead: sparsify(model, ...), then DistributedDataParallel(model). See docs/distributed.md.""",
+    )
