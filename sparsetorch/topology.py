@@ -104,9 +104,10 @@ def select_tensors(
         selected = [
             fqn for fqn in tensors if any(fnmatch.fnmatchcase(fqn, g) for g in include)
         ]
+    names = [*tensors, *(fqn for fqn in selected if fqn not in tensors)]
     for name, globs in (("include", include), ("exclude", exclude)):
         for glob in globs or ():
-            if not any(fnmatch.fnmatchcase(fqn, glob) for fqn in tensors):
+            if not any(fnmatch.fnmatchcase(fqn, glob) for fqn in names):
                 raise ValueError(
                     f"{name} glob {glob!r} matches no tensor of the model.\n"
                     f"tensors: {sorted(tensors)}"
