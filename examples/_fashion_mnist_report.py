@@ -14,14 +14,25 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fashion_mnist import Row, RunResult
 
-_POLICY_STYLE = {
-    "dense": ("black", "-"),
-    "static": ("tab:gray", "-"),
-    "set": ("tab:orange", "-"),
-    "rigl": ("tab:blue", "-"),
-    "rigl-torch": ("tab:red", "--"),
+_POLICY_COLOR = {
+    "dense": "black",
+    "static": "tab:gray",
+    "set": "tab:orange",
+    "rigl": "tab:blue",
+    "rigl-torch": "tab:red",
 }
-_DIST_MARKER = {"erk": "o", "uniform": "s", "er": "^", "uniform-first-dense": "D"}
+_DIST_STYLE = {
+    "erk": ("-", "o"),
+    "uniform": ("--", "s"),
+    "er": (":", "^"),
+    "uniform-first-dense": ("-.", "D"),
+}
+
+
+def _style(policy: str, distribution: str) -> dict[str, Any]:
+    """Colour by policy, line style and marker by distribution."""
+    ls, marker = _DIST_STYLE.get(distribution, (":", "x"))
+    return {"color": _POLICY_COLOR.get(policy, "tab:green"), "ls": ls, "marker": marker}
 
 
 def _pyplot() -> Any:
@@ -93,14 +104,11 @@ def _accuracy_plot(plt: Any, rows: Sequence[Row], path: Path) -> Path | None:
                 lines.setdefault((r.policy, r.distribution), []).append(r)
         for (policy, dist), pts in sorted(lines.items()):
             pts.sort(key=lambda r: r.overall_sparsity)
-            color, style = _POLICY_STYLE.get(policy, ("tab:green", ":"))
             ax.errorbar(
                 [100 * r.overall_sparsity for r in pts],
                 [100 * r.mean for r in pts],
                 yerr=[100 * r.std for r in pts],
-                color=color,
-                ls=style,
-                marker=_DIST_MARKER.get(dist, "x"),
+                **_style(policy, dist),
                 capsize=3,
                 label=f"{policy} ({dist})",
             )
@@ -133,16 +141,23 @@ def _density_plot(plt: Any, results: Sequence[RunResult], path: Path) -> Path | 
         width = 0.8 / len(runs)
         for i, r in enumerate(runs):
             xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(layers))]
-            ax.bar(
+            heights = [r.layer_density.get(name, float("nan")) for name in layers]
+            bars = ax.bar(
                 xs,
-                [r.layer_density.get(name, float("nan")) for name in layers],
+                heights,
                 width=width,
                 label=f"{r.spec.model} {r.spec.policy} ({r.spec.distribution})",
             )
+            ax.bar_label(bars, [f"{h:.3f}" for h in heights], fontsize=6)
         ax.set_xticks(range(len(layers)), layers, fontsize=8)
         ax.set_yscale("log")
-        ax.set_ylabel("density of final mask (log)")
-        ax.set_title(f"per-layer density, target sparsity {sparsity:g}")
+        ax.set_ylim(0.005, 2.0)
+        ax.set_ylabel("density of final mask (log scale)")
+        ax.set_title(
+            f"per-layer density, target sparsity {sparsity:g}\n"
+            "(static and SET start from the same allocation as RigL)",
+            fontsize=9,
+        )
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -161,17 +176,14 @@ def _dynamics_plot(plt: Any, results: Sequence[RunResult], path: Path) -> Path |
     )
     for col, sparsity in enumerate(sparsities):
         for r in (r for r in chosen if r.spec.sparsity == sparsity):
-            color, style = _POLICY_STYLE.get(r.spec.policy, ("tab:green", ":"))
+            style = _style(r.spec.policy, r.spec.distribution)
             label = f"{r.spec.model} {r.spec.policy} ({r.spec.distribution})"
-            marker = _DIST_MARKER.get(r.spec.distribution, "x")
             updates = [(s, f) for s, f, _ in r.mask_events if s > 0]
             if updates:
                 axes[0][col].plot(
                     [s for s, _ in updates],
                     [100 * f for _, f in updates],
-                    color=color,
-                    ls=style,
-                    marker=marker,
+                    **style,
                     ms=3,
                     label=label,
                 )
@@ -181,8 +193,8 @@ def _dynamics_plot(plt: Any, results: Sequence[RunResult], path: Path) -> Path |
                 steps,
                 [100 * i for i in itop],
                 where="post",
-                color=color,
-                ls=style,
+                color=style["color"],
+                ls=style["ls"],
                 label=label,
             )
         axes[0][col].set_title(f"mask change per update, target sparsity {sparsity:g}")

@@ -56,8 +56,8 @@ __all__ = [
 CANONICAL_URL = "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 INSTALL_HINT = (
-    "install it with `apt-get install -y dataset-fashion-mnist`, or put the four "
-    "IDX .gz files in a directory and pass --data-dir DIR (or set SPARSETORCH_DATA)"
+    "run `apt-get install -y dataset-fashion-mnist`, or pass --data-dir DIR "
+    "holding the four IDX .gz files"
 )
 
 CLASSES = (
@@ -275,9 +275,9 @@ def resolve_data_dir(
             or no copy was found and the download was off or failed.
         CorruptDataError: if a downloaded archive has the wrong checksum.
     """
-    for given, what in (
-        (data_dir, "--data-dir"),
-        (os.environ.get("SPARSETORCH_DATA"), "SPARSETORCH_DATA"),
+    for given, what, drop in (
+        (data_dir, "--data-dir", "drop --data-dir"),
+        (os.environ.get("SPARSETORCH_DATA"), "SPARSETORCH_DATA", "unset it"),
     ):
         if given is None or str(given) == "":
             continue
@@ -287,12 +287,12 @@ def resolve_data_dir(
             state = (
                 "does not exist"
                 if not directory.is_dir()
-                else ("lacks " + ", ".join(missing))
+                else "lacks " + ", ".join(missing)
             )
             raise DataNotFoundError(
-                f"{what}={str(given)!r}: directory {state}; point it at the directory "
-                f"holding {', '.join(FILE_NAMES)}, or unset it to use the system "
-                f"copy ({INSTALL_HINT})"
+                f"{what} {str(given)!r} {state}: pass a directory holding "
+                f"{', '.join(FILE_NAMES)}, or {drop} to use {DEBIAN_DIR} "
+                "(`apt-get install -y dataset-fashion-mnist`)"
             )
         return directory
 

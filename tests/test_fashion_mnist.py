@@ -1,0 +1,308 @@
+"""The Fashion-MNIST example on the real data: quick run, and its error messages.
+
+The data comes from the Debian package ``dataset-fashion-mnist`` (CI installs it).
+Nothing here is skipped: without the data, the quick run fails with the loader's
+one-line message saying how to get it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.server
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from expecttest import assert_expected_inline
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+SCRIPT = EXAMPLES / "fashion_mnist.py"
+sys.path.insert(0, str(EXAMPLES))
+
+# the example's loader is a script beside it, not part of the package
+fmd = importlib.import_module("fashion_mnist_data")
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "SPARSETORCH_DATA"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")  # never touch ~/.cache
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), *filter(None, [env.get("PYTHONPATH")])]
+    )
+    return env
+
+
+def _run(
+    tmp_path: Path, *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        env=_env(tmp_path),
+        cwd=tmp_path,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def data_dir() -> Path:
+    """The system copy of the four files; fails with the fix when it is missing."""
+    try:
+        found: Path = fmd.resolve_data_dir(download=False)
+    except fmd.DataNotFoundError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    return found
+
+
+@pytest.fixture
+def copy_dir(data_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of the data files, free to damage."""
+    target = tmp_path / "fmnist"
+    target.mkdir()
+    for name in fmd.FILE_NAMES:
+        shutil.copyfile(data_dir / name, target / name)
+    return target
+
+
+def test_quick_run_on_real_data(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    proc = _run(tmp_path, "--quick", "--no-progress", "--out", "out", timeout=120)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert elapsed < 60, f"--quick took {elapsed:.0f}s"
+    payload = json.loads((tmp_path / "out" / "results.json").read_text())
+    rows = {
+        (r["policy"], r["distribution"], r["target_sparsity"]): r
+        for r in payload["rows"]
+    }
+    # the whole default grid ran: dense + 3 policies x 2 sparsities x 2 allocations
+    assert len(rows) == 13, sorted(rows)
+    assert payload["n_train"] == 12000 and payload["n_eval"] == 2000
+    assert rows[("dense", "-", 0.0)]["mean"] > 0.75  # chance is 0.10
+    assert rows[("rigl", "erk", 0.9)]["mean"] > 0.6
+    for (policy, _dist, target), row in rows.items():
+        if policy != "dense":
+            assert abs(row["overall_sparsity"] - target) < 1e-3, row
+    rigl = next(
+        r
+        for r in payload["runs"]
+        if r["spec"]["policy"] == "rigl" and r["spec"]["sparsity"] == 0.9
+    )
+    assert len(rigl["mask_events"]) > 1  # the topology changed and was tracked
+    assert "fc1.weight" in proc.stdout  # the sparsifier's summary() was printed
+    assert (tmp_path / "out" / "results.md").is_file()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    for name in ("accuracy_vs_sparsity", "layer_density", "mask_dynamics"):
+        assert (tmp_path / "out" / f"{name}.png").stat().st_size > 0
+
+
+def test_unknown_policy_is_a_one_line_error(tmp_path: Path) -> None:
+    line = _one_line_error(_run(tmp_path, "--policy", "magnitude"))
+    assert_expected_inline(
+        line,
+        """fashion_mnist.py: error: argument --policy: unknown policy 'magnitude': use one of dense, static, set, rigl, rigl-torch (see --help)""",
+    )
+
+
+def test_wrong_data_dir_is_a_one_line_error(tmp_path: Path) -> None:
+    line = _one_line_error(
+        _run(tmp_path, "--quick", "--data-dir", "/nonexistent/fmnist")
+    )
+    assert_expected_inline(
+        line,
+        """fashion_mnist.py: error: --data-dir '/nonexistent/fmnist' does not exist: pass a directory holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz, or drop --data-dir to use /usr/share/datasets/fashion-mnist (`apt-get install -y dataset-fashion-mnist`)""",
+    )
+
+
+def test_truncated_file_is_a_one_line_error(copy_dir: Path, tmp_path: Path) -> None:
+    path = copy_dir / "t10k-images-idx3-ubyte.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    line = _one_line_error(
+        _run(tmp_path, "--quick", "--policy", "dense", "--data-dir", str(copy_dir))
+    )
+    line = line.replace(str(copy_dir), "DIR")
+    assert_expected_inline(
+        line,
+        """fashion_mnist.py: error: DIR/t10k-images-idx3-ubyte.gz is truncated or corrupt (Compressed file ended before the end-of-stream marker was reached); delete it and re-install (`apt-get install --reinstall -y dataset-fashion-mnist`) or re-download it from https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/t10k-images-idx3-ubyte.gz""",
+    )
+
+
+def test_flipped_bytes_are_caught(copy_dir: Path) -> None:
+    path = copy_dir / "train-labels-idx1-ubyte.gz"
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 64):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(fmd.CorruptDataError) as info:
+        fmd.read_idx(path, "train_labels")
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(path) in message and "truncated or corrupt" in message
+    assert isinstance(info.value, ValueError)  # and a RuntimeError
+
+
+def _rewrite(path: Path, edit: bytes | None = None, *, at: int = 0) -> None:
+    """Re-gzips ``path`` with ``edit`` written over its payload at offset ``at``.
+
+    Without ``edit`` the byte at ``at`` is inverted.
+    """
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    if edit is None:
+        raw[at] ^= 0xFF
+    else:
+        raw[at : at + len(edit)] = edit
+    path.write_bytes(gzip.compress(bytes(raw), compresslevel=1))
+
+
+def test_valid_gzip_with_wrong_content_is_caught(copy_dir: Path) -> None:
+    labels = copy_dir / "t10k-labels-idx1-ubyte.gz"
+    _rewrite(labels, b"\x0b", at=8 + 17)  # label 11
+    with pytest.raises(fmd.CorruptDataError, match="holds label 11, labels must be"):
+        fmd.read_idx(labels, "test_labels")
+
+    _rewrite(labels, b"\x00\x00\x08\x03")  # image magic in a label file
+    with pytest.raises(fmd.CorruptDataError, match="magic=0x00000803"):
+        fmd.read_idx(labels, "test_labels")
+
+    train = copy_dir / "train-labels-idx1-ubyte.gz"
+    _rewrite(train, b"\x00\x00\xea\x5f", at=4)  # header claims 59999 labels
+    with pytest.raises(fmd.CorruptDataError, match=r"dims=\[59999\]"):
+        fmd.read_idx(train, "train_labels")
+
+    images = copy_dir / "t10k-images-idx3-ubyte.gz"
+    _rewrite(images, at=16 + 400)  # one pixel off: only the hash can tell
+    with pytest.raises(fmd.CorruptDataError, match="not the published Fashion-MNIST"):
+        fmd.read_idx(images, "test_images")
+
+
+def test_load_shapes_and_batches(data_dir: Path) -> None:
+    data = fmd.load_fashion_mnist(data_dir)
+    assert data.train_x.shape == (60000, 1, 28, 28)
+    assert data.test_x.shape == (10000, 1, 28, 28)
+    assert data.train_x.dtype == torch.float32
+    assert torch.bincount(data.train_y).tolist() == [6000] * 10
+    assert torch.bincount(data.test_y).tolist() == [1000] * 10
+    assert abs(float(data.train_x.mean())) < 1e-4
+    assert abs(float(data.train_x.std()) - 1.0) < 1e-3
+
+    small = data.subset(1000, 10)
+    seen = []
+    for seed in (3, 3):
+        g = torch.Generator().manual_seed(seed)
+        batches = list(fmd.iterate_batches(small.train_x, small.train_y, 128, g))
+        assert [b[0].shape[0] for b in batches] == [128] * 7  # last 104 dropped
+        seen.append(torch.cat([b[1] for b in batches]))
+    assert torch.equal(seen[0], seen[1])  # same seed, same order
+    g = torch.Generator().manual_seed(3)
+    full = list(
+        fmd.iterate_batches(small.train_x, small.train_y, 128, g, drop_last=False)
+    )
+    order = torch.cat([b[1] for b in full])
+    assert sorted(order.tolist()) == sorted(small.train_y.tolist())
+
+
+def test_not_found_anywhere_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SPARSETORCH_DATA", raising=False)
+    monkeypatch.setattr(fmd, "DEBIAN_DIR", tmp_path / "debian")
+    with pytest.raises(fmd.DataNotFoundError) as info:
+        fmd.resolve_data_dir(cache_dir=tmp_path / "cache", download=False)
+    assert_expected_inline(
+        str(info.value).replace(str(tmp_path), "TMP"),
+        """Fashion-MNIST not found in TMP/debian or TMP/cache and downloading is off: run `apt-get install -y dataset-fashion-mnist`, or pass --data-dir DIR holding the four IDX .gz files""",
+    )
+    # a download that cannot connect (nothing listens on the discard port)
+    with pytest.raises(fmd.DataNotFoundError) as info:
+        fmd.resolve_data_dir(
+            cache_dir=tmp_path / "cache", base_url="http://127.0.0.1:9/", timeout=5
+        )
+    message = str(info.value)
+    assert "\n" not in message
+    assert "downloading from http://127.0.0.1:9/ failed" in message
+    assert message.endswith(fmd.INSTALL_HINT)
+
+
+def test_environment_variable_must_point_at_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"")
+    monkeypatch.setenv("SPARSETORCH_DATA", str(tmp_path))
+    with pytest.raises(fmd.DataNotFoundError) as info:
+        fmd.resolve_data_dir(download=False)
+    assert_expected_inline(
+        str(info.value).replace(str(tmp_path), "TMP"),
+        """SPARSETORCH_DATA 'TMP' lacks train-images-idx3-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz: pass a directory holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz, or unset it to use /usr/share/datasets/fashion-mnist (`apt-get install -y dataset-fashion-mnist`)""",
+    )
+
+
+@pytest.fixture
+def local_server(copy_dir: Path) -> Iterator[str]:
+    """Serves ``copy_dir`` on the loopback interface; yields its base URL."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, directory=str(copy_dir), **kwargs)  # type: ignore[arg-type]
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_download_checks_the_published_md5(
+    local_server: str,
+    copy_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("SPARSETORCH_DATA", raising=False)
+    monkeypatch.setattr(fmd, "DEBIAN_DIR", tmp_path / "debian")
+    cache = tmp_path / "cache"
+    # Debian re-compresses the archives: same content, different .gz bytes, so
+    # served as they are they fail the published archive MD5 ...
+    with pytest.raises(fmd.CorruptDataError, match=r"has MD5 \w+, expected 8d4fb7e6"):
+        fmd.resolve_data_dir(cache_dir=cache, base_url=local_server)
+    assert sorted(p.name for p in cache.iterdir()) == []  # no half file left
+    # ... and with the MD5 of the served files the download goes through
+    for key, spec in list(fmd._FILES.items()):
+        digest = hashlib.md5((copy_dir / spec.name).read_bytes()).hexdigest()
+        monkeypatch.setitem(
+            fmd._FILES, key, fmd._FileSpec(**{**spec.__dict__, "gz_md5": digest})
+        )
+    assert fmd.resolve_data_dir(cache_dir=cache, base_url=local_server) == cache
+    assert sorted(p.name for p in cache.iterdir()) == sorted(fmd.FILE_NAMES)
+    assert fmd.read_idx(cache / "t10k-labels-idx1-ubyte.gz", "test_labels").shape == (
+        10000,
+    )
