@@ -11,6 +11,7 @@ from torch import nn
 
 from sparsetorch import _distributed
 from sparsetorch.distributions import allocate
+from sparsetorch.execution import check_execution
 from sparsetorch.policies.base import Policy, make_policy
 from sparsetorch.schedule import DROP_SCHEDULES, Schedule
 from sparsetorch.sparsifier import Sparsifier
@@ -36,6 +37,7 @@ def sparsify(
     exclude: Sequence[str] | None = None,
     grow_init: str | float = "zeros",
     seed: int = 0,
+    execution: str = "mask",
 ) -> Sparsifier:
     r"""Make ``model`` sparse in place and return the handle that trains its topology.
 
@@ -85,6 +87,12 @@ def sparsify(
             Default: ``"zeros"``.
         seed: seed of the generator drawing initial masks, ties and random
             growth, an int in ``[-2**63, 2**64)``. Default: ``0``.
+        execution: how masked ``nn.Linear`` layers compute: ``"mask"`` (dense
+            compute on the masked weight), ``"sparse"`` (compressed weights:
+            faster at high sparsity, see ``docs/sparse_execution.md``) or
+            ``"auto"`` (sparse only where predicted faster). Results agree up to
+            float rounding; the stored weights, optimizer and state dicts are the
+            same. Default: ``"mask"``.
 
     Returns:
         The :class:`~sparsetorch.Sparsifier`.
@@ -130,6 +138,7 @@ def sparsify(
             f"{type(optimizer).__name__}."
         )
     _check_sparsity(sparsity)
+    check_execution(execution)
     policy = make_policy(policy)
     grow_value = _grow_value(grow_init)
     for name, value in (("total_steps", total_steps), ("seed", seed)):
@@ -212,7 +221,7 @@ def sparsify(
     if not isinstance(distribution, str):
         numel = {fqn: math.prod(shape) for fqn, shape in shapes.items()}
         overall = sum(sparsities[f] * numel[f] for f in fqns) / sum(numel.values())
-    return Sparsifier(
+    sparsifier = Sparsifier(
         topology,
         policy,
         schedule,
@@ -222,6 +231,8 @@ def sparsify(
         grow_init=grow_value,
         skipped={fqn: "requires_grad=False" for fqn in frozen},
     )
+    sparsifier.set_execution(execution)
+    return sparsifier
 
 
 def _check_sparsity(sparsity: object) -> None:

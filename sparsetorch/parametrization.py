@@ -69,6 +69,7 @@ class MaskParametrization(nn.Module):
         self._param: weakref.ReferenceType[Tensor] | None = None
         self._handles: list[RemovableHandle] = []
         self._grad_token: tuple[weakref.ReferenceType[Tensor], int] | None = None
+        self._masked_grad: tuple[weakref.ReferenceType[Tensor], int] | None = None
 
     def forward(self, X: Tensor) -> Tensor:
         if self.stale:
@@ -107,6 +108,16 @@ class MaskParametrization(nn.Module):
         self._handles = []
         self._param = None
         self.release()
+
+    def mark_grad_masked(self, grad: Tensor) -> None:
+        """Say that ``grad``, about to be accumulated, is zero outside the mask.
+
+        Sparse execution (``sparsetorch.execution``) computes the weight gradient
+        only at active positions. If ``.grad`` is exactly that tensor when the
+        post-accumulate hook runs (nothing else was summed into it), the hook
+        skips its masking pass; otherwise it masks as always.
+        """
+        self._masked_grad = (weakref.ref(grad), grad._version)
 
     def release(self) -> None:
         """Drop the captured dense gradient."""
@@ -169,9 +180,16 @@ class _MaskGradHook:
         owner = self.owner()
         if owner is None or param.grad is None:
             return
-        with torch.no_grad():
-            # The same bytes read as uint8: float * uint8 converts the mask on a
-            # vectorised path, float * bool element by element (about 2x slower).
-            param.grad.mul_(owner.mask.view(torch.uint8))
+        token, owner._masked_grad = owner._masked_grad, None
+        if (
+            token is None
+            or token[0]() is not param.grad
+            or token[1] != param.grad._version
+        ):  # else: .grad is the masked gradient itself, untouched
+            with torch.no_grad():
+                # The same bytes read as uint8: float * uint8 converts the mask on
+                # a vectorised path, float * bool element by element (about 2x
+                # slower).
+                param.grad.mul_(owner.mask.view(torch.uint8))
         if owner.capturing:
             owner._grad_token = (weakref.ref(param.grad), param.grad._version)

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sparsetorch import _distributed
 from sparsetorch._checkpoint import (
@@ -18,6 +18,7 @@ from sparsetorch._checkpoint import (
     decode_mask,
     encode_mask,
 )
+from sparsetorch.execution import export_sparse, set_execution
 from sparsetorch.policies.base import Policy, update_mask
 from sparsetorch.schedule import Schedule
 from sparsetorch.topology import Topology
@@ -75,6 +76,7 @@ class Sparsifier:
         self.step_count = 0
         self.update_count = 0
         self.capture_steps = 1
+        self.execution = "mask"
         self._hook = None
         if count_optimizer_steps is None:
             count_optimizer_steps = optimizer is not None
@@ -337,7 +339,35 @@ class Sparsifier:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        set_execution(self.topology, "mask")
         self.topology.remove()
+
+    def set_execution(self, execution: str) -> None:
+        """Switch the masked ``nn.Linear`` layers to ``execution``.
+
+        ``"mask"`` computes densely on the masked weights; ``"sparse"`` on
+        compressed weights; ``"auto"`` sparse where it is predicted faster (see
+        ``docs/sparse_execution.md``). Other masked layers always compute in
+        mask mode. Results agree up to float rounding in every mode.
+
+        Raises:
+            ValueError: unknown ``execution``.
+            TypeError: ``execution`` is not a string.
+        """
+        set_execution(self.topology, execution)
+        self.execution = execution
+
+    def export(self, *, execution: str = "auto", batch_size: int = 128) -> nn.Module:
+        """An inference copy of the model with compressed ``nn.Linear`` weights.
+
+        See :func:`sparsetorch.execution.export_sparse`; the model is unchanged.
+
+        Raises:
+            ValueError: unknown ``execution`` or ``batch_size < 1``.
+        """
+        return export_sparse(
+            self.topology.model, execution=execution, batch_size=batch_size
+        )
 
     def next_update_step(self) -> int | None:
         """The first step after the current one whose update is scheduled."""

@@ -1,0 +1,659 @@
+"""Sparse execution: run masked ``nn.Linear`` layers on compressed weights.
+
+In *mask* mode (the default) a sparsified layer computes with its dense stored
+weight, which is zero outside the mask: the same work as the dense model. In
+*sparse* mode the layer's forward and backward work on the active weights only:
+
+* forward: the active values are gathered from the stored weight (one gather of
+  ``nnz`` elements) into a CSR matrix whose structure (``crow``/``col``) is
+  built once per mask change, and ``y = W x`` is a sparse-dense product;
+* backward: the input gradient is a product with the transposed CSR matrix, and
+  the weight gradient is computed only at active positions (a sampled
+  dense-dense product, :func:`torch.sparse.sampled_addmm`) and scattered into a
+  dense gradient that is zero outside the mask, so the optimizer, gradient
+  clipping, DDP and ``model.state_dict()`` see exactly what mask mode gives them;
+* in the backward pass before a topology update (while the
+  :class:`~sparsetorch.MaskParametrization` is ``capturing``), the full dense
+  weight gradient is computed instead and goes through the same capture path as
+  in mask mode, so RigL grows from the same gradient.
+
+The compressed structure is rebuilt lazily, at the first forward after the mask
+changed (an update, ``sparsifier.load_state_dict``, a device move): it is keyed
+on the mask tensor and its version counter, which every in-place write bumps.
+
+``"auto"`` runs a layer sparse only for the calls where :func:`sparse_is_faster`
+predicts a win from its shape, density and batch (a cost model fitted to
+measurements, ``benchmarks/sparse_execution.py``); otherwise it computes exactly
+as in mask mode. :func:`export_sparse` makes an inference copy of a model whose
+sparse layers hold only compressed weights. See ``docs/sparse_execution.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.nn.utils import parametrize
+
+from sparsetorch.parametrization import MaskParametrization
+from sparsetorch.topology import Topology
+
+__all__ = [
+    "EXECUTIONS",
+    "SparseExecution",
+    "SparseLinear",
+    "check_execution",
+    "executions",
+    "export_sparse",
+    "set_execution",
+    "sparse_is_faster",
+]
+
+#: The execution modes ``sparsify(..., execution=...)`` accepts.
+EXECUTIONS = ("mask", "sparse", "auto")
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def check_execution(execution: object) -> str:
+    """Return ``execution`` if it is a known mode, else raise.
+
+    Raises:
+        TypeError: ``execution`` is not a string.
+        ValueError: ``execution`` is not one of :data:`EXECUTIONS`.
+    """
+    if not isinstance(execution, str):
+        raise TypeError(
+            f"execution must be a string, one of {list(EXECUTIONS)}, got {execution!r}."
+        )
+    if execution not in EXECUTIONS:
+        raise ValueError(
+            f"Unknown execution {execution!r}.\nKnown executions: "
+            f"{sorted(EXECUTIONS)} ('mask': dense compute on masked weights, "
+            "'sparse': compressed weights, 'auto': sparse where it is faster)."
+        )
+    return execution
+
+
+# -- the cost model -----------------------------------------------------------------
+
+# Crossover densities measured on CPU (benchmarks/sparse_execution.py --crossover,
+# see docs/sparse_execution.md): below them the sparse path is faster. They are
+# chosen on the safe side: ``auto`` must never be slower than mask mode.
+_MIN_NUMEL = 1 << 18  # smaller weights: per-call overheads dominate
+_MIN_ROWS_TRAIN = 16
+
+
+def sparse_is_faster(
+    out_features: int,
+    in_features: int,
+    nnz: int,
+    rows: int,
+    *,
+    training: bool,
+    device: torch.device | str = "cpu",
+) -> bool:
+    """Predict whether the sparse path beats the dense one for one layer call.
+
+    The rule is a cost model fitted to measurements on CPU (see
+    ``docs/sparse_execution.md``): the sparse path pays per active weight and
+    per row of the batch, plus a per-weight cost in training (the dense weight
+    gradient handed to the optimizer); the dense path pays per weight and row.
+
+    Args:
+        out_features: rows of the weight.
+        in_features: columns of the weight.
+        nnz: active weights.
+        rows: rows of the input (the batch, times the sequence length).
+        training: whether the weight gradient is computed too.
+        device: where the layer runs; only CPU is measured, so any other
+            device gets ``False``. Default: ``"cpu"``.
+
+    Returns:
+        Whether ``"auto"`` runs the call sparse.
+
+    Example::
+
+        >>> sparse_is_faster(2048, 2048, 84_000, 128, training=True)
+        True
+        >>> sparse_is_faster(2048, 2048, 840_000, 128, training=True)
+        False
+    """
+    if torch.device(device).type != "cpu":
+        return False
+    numel = out_features * in_features
+    if numel < _MIN_NUMEL or nnz >= numel:
+        return False
+    density = nnz / numel
+    if training:
+        if rows < _MIN_ROWS_TRAIN:
+            return False
+        return density <= 0.05
+    return density <= 0.1
+
+
+# -- the compressed structure ----------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Plan:
+    """The compressed structure of one mask: CSR of ``W`` and of ``W.T``.
+
+    ``values = weight.flatten()[index]`` are ``W``'s CSR values (row-major), and
+    ``values[perm]`` are ``W.T``'s.
+    """
+
+    mask: Tensor  # the mask it was built from (identity and version are the key)
+    version: int
+    shape: tuple[int, int]  # (out, in)
+    index: Tensor  # (nnz,) int64: flat positions of the active weights, row-major
+    crow: Tensor  # (out + 1,)
+    col: Tensor  # (nnz,)
+    perm: Tensor  # (nnz,) int64: W.T's CSR order as positions in `index`
+    crow_t: Tensor  # (in + 1,)
+    col_t: Tensor  # (nnz,)
+
+    @property
+    def nnz(self) -> int:
+        return self.index.numel()
+
+    def matches(self, mask: Tensor) -> bool:
+        return self.mask is mask and self.version == mask._version
+
+    def csr(self, values: Tensor) -> Tensor:
+        return torch.sparse_csr_tensor(
+            self.crow, self.col, values, self.shape, check_invariants=False
+        )
+
+    def csr_t(self, values: Tensor) -> Tensor:
+        return torch.sparse_csr_tensor(
+            self.crow_t,
+            self.col_t,
+            values[self.perm],
+            (self.shape[1], self.shape[0]),
+            check_invariants=False,
+        )
+
+
+@torch.no_grad()
+def _build_plan(mask: Tensor) -> _Plan:
+    with warnings.catch_warnings():
+        # PyTorch warns once per process that CSR tensors are in beta.
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support")
+        torch.sparse_csr_tensor(
+            torch.zeros(2, dtype=torch.int64),
+            torch.zeros(1, dtype=torch.int64),
+            torch.zeros(1),
+            (1, 1),
+            check_invariants=False,
+        )
+    out, inp = mask.shape
+    index = mask.flatten().nonzero().flatten()  # row-major: CSR order
+    rows, cols = index.div(inp, rounding_mode="floor"), index.remainder(inp)
+    itype = torch.int32 if max(mask.numel(), index.numel() + 1) < 2**31 else None
+    itype = itype or torch.int64
+    crow = torch.zeros(out + 1, dtype=itype, device=mask.device)
+    crow[1:] = torch.bincount(rows, minlength=out).cumsum(0)
+    index_t = mask.t().flatten().nonzero().flatten()  # = c * out + r, (c, r) order
+    rows_t, cols_t = index_t.remainder(out), index_t.div(out, rounding_mode="floor")
+    perm = torch.searchsorted(index, rows_t * inp + cols_t)
+    crow_t = torch.zeros(inp + 1, dtype=itype, device=mask.device)
+    crow_t[1:] = torch.bincount(cols_t, minlength=inp).cumsum(0)
+    return _Plan(
+        mask=mask,
+        version=mask._version,
+        shape=(out, inp),
+        index=index,
+        crow=crow,
+        col=cols.to(itype),
+        perm=perm,
+        crow_t=crow_t,
+        col_t=rows_t.to(itype),
+    )
+
+
+# -- the autograd function -------------------------------------------------------------
+
+
+def _sparse_linear(
+    input: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``F.linear`` on the active weights; returns ``(output, x, values)``."""
+    out, inp = plan.shape
+    x = input.reshape(-1, inp)  # (rows, in)
+    values = weight.detach().reshape(-1).index_select(0, plan.index)  # (nnz,)
+    y = torch.sparse.mm(plan.csr(values), x.detach().t())  # (out, rows)
+    if bias is not None:
+        y = y.add_(bias.detach().unsqueeze(1))
+    output = y.t().reshape(*input.shape[:-1], out).contiguous()
+    return output, x, values
+
+
+class _SparseLinearFunction(torch.autograd.Function):
+    """``F.linear`` on the active weights of a masked stored weight."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        input: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        plan: _Plan,
+        owner: MaskParametrization,
+    ) -> Tensor:
+        output, x, values = _sparse_linear(input, weight, bias, plan)
+        ctx.save_for_backward(x, values)
+        ctx.plan = plan  # type: ignore[attr-defined]
+        ctx.owner = owner  # type: ignore[attr-defined]
+        ctx.input_shape = input.shape  # type: ignore[attr-defined]
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        x, values = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        owner: MaskParametrization = ctx.owner
+        out, inp = plan.shape
+        g = grad_output.reshape(-1, out)  # (rows, out)
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = torch.sparse.mm(plan.csr_t(values), g.t())  # (in, rows)
+            grad_input = grad_input.t().reshape(ctx.input_shape)
+        if ctx.needs_input_grad[1]:
+            if owner.capturing:
+                # RigL needs the dense gradient: compute it as mask mode does and
+                # let the parametrization's hooks capture and mask it.
+                grad_weight = g.t().mm(x)  # (out, in)
+            else:
+                active = torch.sparse.sampled_addmm(
+                    plan.csr(values), g.t(), x, beta=0.0
+                ).values()  # (nnz,): (g.T @ x) at the active positions only
+                grad_weight = values.new_zeros(out * inp)
+                grad_weight = grad_weight.scatter_(0, plan.index, active)
+                grad_weight = grad_weight.view(out, inp)
+                owner.mark_grad_masked(grad_weight)
+        if ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0)
+        return grad_input, grad_weight, grad_bias, None, None
+
+
+# -- switching a layer's forward -------------------------------------------------------
+
+
+class SparseExecution:
+    """The forward of one sparsified ``nn.Linear`` in ``"sparse"`` or ``"auto"`` mode.
+
+    Installed as the module's ``forward`` (an instance attribute, so the class
+    and every other module are untouched) by :func:`set_execution`; removing it
+    restores the plain forward. It reads ``module.weight`` through the
+    parametrization as mask mode does (so stale weights are re-masked first),
+    then runs the sparse path or ``F.linear``.
+
+    Args:
+        module: the parametrized ``nn.Linear``.
+        parametrization: its :class:`~sparsetorch.MaskParametrization`.
+        mode: ``"sparse"`` (always, where supported) or ``"auto"`` (where
+            :func:`sparse_is_faster` predicts a win).
+    """
+
+    def __init__(
+        self, module: nn.Linear, parametrization: MaskParametrization, mode: str
+    ) -> None:
+        if mode not in ("sparse", "auto"):
+            raise ValueError(
+                f"SparseExecution mode must be 'sparse' or 'auto': {mode!r}"
+            )
+        self.module = module
+        self.parametrization = parametrization
+        self.mode = mode
+        self.plan: _Plan | None = None
+        self.rebuilds = 0
+        self.sparse_calls = 0
+        self.dense_calls = 0
+        self._warned = False
+
+    def __call__(self, input: Tensor) -> Tensor:
+        module = self.module
+        if not parametrize.is_parametrized(module, "weight"):
+            del module.__dict__["forward"]  # the parametrization is gone
+            return cast(Tensor, module(input))
+        weight = module.weight  # through the parametrization: re-masks if stale
+        if not self._use_sparse(input, weight):
+            self.dense_calls += 1
+            return nn.functional.linear(input, weight, module.bias)
+        self.sparse_calls += 1
+        plan = self._plan()
+        if not (torch.is_grad_enabled() and _needs_grad(input, weight, module.bias)):
+            return _sparse_linear(input, weight, module.bias, plan)[0]
+        apply = cast(Callable[..., Tensor], _SparseLinearFunction.apply)
+        return apply(input, weight, module.bias, plan, self.parametrization)
+
+    def _plan(self) -> _Plan:
+        mask = self.parametrization.mask
+        if self.plan is None or not self.plan.matches(mask):
+            self.plan = _build_plan(mask)
+            self.rebuilds += 1
+        return self.plan
+
+    def _use_sparse(self, input: Tensor, weight: Tensor) -> bool:
+        why = _unsupported(input, weight)
+        if why is not None:
+            if self.mode == "sparse" and not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"execution='sparse': {why}, so this layer computes in mask "
+                    "mode (same results, dense speed).",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return False
+        if self.mode == "sparse":
+            return True
+        out, inp = weight.shape
+        training = torch.is_grad_enabled() and weight.requires_grad
+        nnz = (
+            self.plan.nnz
+            if self.plan is not None and self.plan.matches(self.parametrization.mask)
+            else int(self.parametrization.mask.sum())
+        )
+        return sparse_is_faster(
+            out,
+            inp,
+            nnz,
+            input.numel() // max(inp, 1),
+            training=training,
+            device=weight.device,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"SparseExecution(mode={self.mode!r}, sparse_calls={self.sparse_calls}, "
+            f"dense_calls={self.dense_calls}, rebuilds={self.rebuilds})"
+        )
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def _unsupported(input: Tensor, weight: Tensor) -> str | None:
+    """Why the sparse path cannot run this call, or ``None``."""
+    if weight.dtype not in _SUPPORTED_DTYPES:
+        return f"the weight's dtype is {weight.dtype} (float32 and float64 run sparse)"
+    if input.dtype != weight.dtype:
+        return (
+            f"the input's dtype {input.dtype} differs from the weight's {weight.dtype}"
+        )
+    if torch.is_autocast_enabled(weight.device.type):
+        return "autocast is enabled"
+    if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
+        return "the input does not fit the weight"
+    if input.numel() == 0:
+        return "the input is empty"
+    return None
+
+
+def _linear_modules(
+    topology: Topology,
+) -> dict[str, tuple[nn.Linear, MaskParametrization]]:
+    """``tensor_fqn -> (module, parametrization)`` of masked ``nn.Linear`` weights."""
+    modules = dict(topology.model.named_modules())
+    found = {}
+    for fqn, p in topology.parametrizations.items():
+        module_fqn, _, name = fqn.rpartition(".")
+        module = modules[module_fqn]
+        if name == "weight" and isinstance(module, nn.Linear):
+            found[fqn] = (module, p)
+    return found
+
+
+def set_execution(topology: Topology, execution: str) -> None:
+    """Switch every masked ``nn.Linear`` of ``topology`` to ``execution``.
+
+    ``"mask"`` restores the plain forward. Other masked layers (convolutions,
+    custom ``include=`` tensors) always compute in mask mode. Called by
+    ``sparsify(..., execution=...)`` and :meth:`Sparsifier.set_execution
+    <sparsetorch.Sparsifier.set_execution>`.
+
+    Args:
+        topology: the masked tensors.
+        execution: one of :data:`EXECUTIONS`.
+
+    Raises:
+        ValueError: unknown ``execution``.
+        TypeError: ``execution`` is not a string.
+
+    Example::
+
+        >>> import sparsetorch as st
+        >>> model = nn.Sequential(nn.Linear(64, 64))
+        >>> sparsifier = st.sparsify(model, policy="static", sparsity=0.9)
+        >>> set_execution(sparsifier.topology, "sparse")
+        >>> executions(sparsifier.topology)
+        {'0.weight': 'sparse'}
+    """
+    check_execution(execution)
+    for module, p in _linear_modules(topology).values():
+        current = module.__dict__.get("forward")
+        if isinstance(current, SparseExecution):
+            del module.__dict__["forward"]
+        if execution != "mask":
+            module.forward = SparseExecution(module, p, execution)  # type: ignore[method-assign]
+
+
+def executions(topology: Topology) -> dict[str, str]:
+    """``tensor_fqn -> execution mode`` of every masked tensor.
+
+    Tensors that cannot run sparse (not the weight of an ``nn.Linear``) are
+    always ``"mask"``.
+    """
+    linear = _linear_modules(topology)
+    modes = {}
+    for fqn in topology.parametrizations:
+        current = linear[fqn][0].__dict__.get("forward") if fqn in linear else None
+        modes[fqn] = current.mode if isinstance(current, SparseExecution) else "mask"
+    return modes
+
+
+# -- inference export ------------------------------------------------------------------
+
+
+class SparseLinear(nn.Module):
+    """An inference ``nn.Linear`` whose weight is a CSR tensor.
+
+    Made by :func:`export_sparse`. ``weight`` is a ``torch.sparse_csr`` buffer
+    holding only the active weights; ``y = x W^T + b`` is one sparse-dense
+    product. ``weight`` and ``bias`` are buffers: gradients flow to the input
+    only.
+
+    Args:
+        weight: dense ``(out_features, in_features)`` weight; its nonzeros are
+            kept.
+        bias: ``(out_features,)`` bias, or ``None``.
+
+    Example::
+
+        >>> w = torch.tensor([[0.0, 2.0], [1.0, 0.0]])
+        >>> layer = SparseLinear(w, torch.tensor([0.5, 0.0]))
+        >>> layer
+        SparseLinear(in_features=2, out_features=2, nnz=2, bias=True)
+        >>> layer(torch.tensor([[1.0, 3.0]]))
+        tensor([[6.5000, 1.0000]])
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        if weight.dim() != 2 or weight.layout != torch.strided:
+            raise ValueError(
+                f"SparseLinear needs a dense 2-D weight, got shape "
+                f"{tuple(weight.shape)} and layout {weight.layout}."
+            )
+        self.out_features, self.in_features = weight.shape
+        plan = _build_plan(weight.detach() != 0)
+        values = weight.detach().reshape(-1)[plan.index].clone()
+        self.register_buffer("weight", plan.csr(values))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, input: Tensor) -> Tensor:
+        x = input.reshape(-1, self.in_features)  # (rows, in)
+        y: Tensor = torch.sparse.mm(self.weight, x.t())  # (out, rows)
+        if self.bias is not None:
+            y = y + self.bias.unsqueeze(1)
+        return y.t().reshape(*input.shape[:-1], self.out_features).contiguous()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"nnz={self.weight._nnz()}, bias={self.bias is not None}"
+        )
+
+
+def export_sparse(
+    model: nn.Module, *, execution: str = "auto", batch_size: int = 128
+) -> nn.Module:
+    """An inference copy of ``model`` whose sparse ``nn.Linear`` layers use CSR weights.
+
+    The copy has no parametrizations or sparsetorch hooks: every masked weight
+    is baked in (zeros outside its mask), and each ``nn.Linear`` chosen by
+    ``execution`` is replaced by a :class:`SparseLinear`. ``model`` itself is
+    not changed. Works on a sparsified model and on a plain one with zeros (after
+    ``sparsifier.remove()``, say), whose zeros then define the sparsity.
+
+    Args:
+        model: the model to export.
+        execution: ``"auto"``: the layers :func:`sparse_is_faster` predicts
+            faster at ``batch_size`` rows; ``"sparse"``: every ``nn.Linear`` with
+            at least one zero; ``"mask"``: none (a plain dense copy).
+            Default: ``"auto"``.
+        batch_size: input rows the ``"auto"`` choice assumes. Default: ``128``.
+
+    Returns:
+        The exported copy, in eval mode.
+
+    Raises:
+        ValueError: unknown ``execution`` or ``batch_size < 1``.
+
+    Example::
+
+        >>> import sparsetorch as st
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> _ = st.sparsify(model, policy="static", sparsity=0.75,
+        ...                 distribution="uniform")
+        >>> exported = export_sparse(model, execution="sparse")
+        >>> exported
+        Sequential(
+          (0): SparseLinear(in_features=8, out_features=8, nnz=16, bias=True)
+          (1): ReLU()
+          (2): SparseLinear(in_features=8, out_features=2, nnz=4, bias=True)
+        )
+        >>> x = torch.randn(3, 8)
+        >>> torch.allclose(exported(x), model(x), atol=1e-6)
+        True
+    """
+    check_execution(execution)
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+    copied = copy.deepcopy(model)
+    _strip(copied)
+    replaced: dict[str, nn.Module] = {}
+    for fqn, module in copied.named_modules():
+        if type(module) is not nn.Linear or execution == "mask":
+            continue
+        weight = module.weight.detach()
+        nnz = int(torch.count_nonzero(weight))
+        if nnz == weight.numel():
+            continue
+        if execution == "auto" and not (
+            weight.dtype in _SUPPORTED_DTYPES
+            and sparse_is_faster(
+                module.out_features,
+                module.in_features,
+                nnz,
+                batch_size,
+                training=False,
+                device=weight.device,
+            )
+        ):
+            continue
+        replaced[fqn] = SparseLinear(weight, module.bias)
+    for fqn, new in replaced.items():
+        parent_fqn, _, name = fqn.rpartition(".")
+        parent = copied.get_submodule(parent_fqn)
+        setattr(parent, name, new)
+    return copied.eval()
+
+
+def _strip(model: nn.Module) -> None:
+    """Bake the masks into a copy and remove sparsetorch's forwards and hooks.
+
+    ``parametrize.remove_parametrizations`` would delete the weight property
+    from the parametrized class, which a deep copy shares with the original
+    model; so the copy is un-parametrized by hand, leaving the class alone.
+
+    Raises:
+        ValueError: a module also has a parametrization that is not
+            sparsetorch's.
+    """
+    from sparsetorch import topology as _topology
+
+    ours = {
+        _topology._rename_on_save,
+        _topology._rename_on_load,
+        _topology._mark_stale,
+        _topology._remask_stale,
+    }
+    for module_fqn, module in model.named_modules():
+        if isinstance(module.__dict__.get("forward"), SparseExecution):
+            del module.__dict__["forward"]
+        if parametrize.is_parametrized(module):
+            order = list(module.state_dict(keep_vars=True))  # the dense order
+            plists = cast(
+                dict[str, parametrize.ParametrizationList], module.parametrizations
+            )
+            for name, plist in plists.items():
+                if not all(isinstance(p, MaskParametrization) for p in plist):
+                    raise ValueError(
+                        f"Cannot export {module_fqn or 'the model'!r}: its "
+                        f"{name!r} has a parametrization that is not sparsetorch's "
+                        f"({[type(p).__name__ for p in plist]}).\nRemove it first "
+                        "(torch.nn.utils.parametrize.remove_parametrizations)."
+                    )
+            params = module._parameters
+            for name, plist in plists.items():
+                original = plist.original
+                with torch.no_grad():
+                    for p in plist:
+                        original.mul_(cast(MaskParametrization, p).mask)
+                params[name] = nn.Parameter(
+                    original.detach(), requires_grad=original.requires_grad
+                )
+            del module._modules["parametrizations"]
+            module.__class__ = type(module).__bases__[0]
+            rank = {key: i for i, key in enumerate(order)}
+            for name in sorted(params, key=lambda n: rank.get(n, len(rank))):
+                params[name] = params.pop(name)  # back to the dense order
+        for hooks in (
+            module._state_dict_hooks,
+            module._load_state_dict_pre_hooks,
+            module._load_state_dict_post_hooks,
+            module._forward_pre_hooks,
+        ):
+            for key, hook in list(hooks.items()):
+                inner = getattr(hook, "hook", hook)  # load pre-hooks are wrapped
+                if isinstance(inner, functools.partial) and inner.func in ours:
+                    del hooks[key]
