@@ -9,8 +9,11 @@ on the same global batch.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -536,3 +539,40 @@ sparsetorch does not support sharded parameters (FSDP, fully_shard, DTensor): pa
 Its masks, topology updates (a top-k over each whole weight) and optimizer-state resets work on whole local tensors, and a sharded weight exists whole only inside FSDP's forward and backward (an all-gathered copy that FSDP discards, so writes to it are lost).
 Train with DistributedDataParallel instead: sparsify(model, ...), then DistributedDataParallel(model). See docs/distributed.md.""",
     )
+
+
+# -- the torchrun example -----------------------------------------------------------
+
+
+def test_ddp_example_runs_under_torchrun_and_measures_4_bytes_per_update(
+    tmp_path: Path,
+):
+    root = Path(__file__).resolve().parents[1]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={WORLD}",
+        str(root / "examples" / "ddp.py"),
+        "--steps=40",
+        "--update-interval=10",
+        "--hidden=32",
+        "--accumulate=2",
+        "--comm",
+        f"--save={tmp_path / 'checkpoint.pt'}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert "masks identical on 2 ranks: yes" in lines
+    masked = 64 * 32 + 32 * 32 + 32 * 10  # updates at steps 10, 20 (end_step 30)
+    assert (
+        f"sparsetorch all-reduce: {2 * 4 * masked:,} B over 2 updates = "
+        f"{4 * masked:,} B per update = 4.00 B per masked weight per update"
+    ) in lines
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["sparsity"]["step"] == 40
