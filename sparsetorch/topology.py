@@ -372,7 +372,10 @@ class Topology:
         for entry in self._entries.values():
             entry.param.mul_(entry.mask)
             if optimizer is not None:
-                _reset_state(optimizer, entry.param, ~entry.mask)
+                # A multiply, like apply(): it keeps the sign of zeros, so a
+                # resumed run stays bit-identical (masked_fill would write +0).
+                keep = entry.mask.view(torch.uint8).to(entry.param.dtype)
+                _keep_state(optimizer, entry.param, keep)
             entry.parametrization.stale = False
 
     def remove(self) -> None:
@@ -430,15 +433,6 @@ def _remask_stale(
             with torch.no_grad():
                 param.mul_(p.mask)
             p.stale = False
-
-
-def _reset_state(
-    optimizer: torch.optim.Optimizer, param: Tensor, where: Tensor
-) -> None:
-    """Zero every optimizer state tensor of ``param``'s shape at ``where``."""
-    for value in optimizer.state.get(param, {}).values():
-        if isinstance(value, Tensor) and value.shape == param.shape:
-            value.masked_fill_(where, 0)
 
 
 def _keep_state(optimizer: torch.optim.Optimizer, param: Tensor, keep: Tensor) -> None:
