@@ -1,0 +1,277 @@
+"""Property-based tests: random models, settings and runs keep every invariant.
+
+Hypothesis draws a small model (a random stack of Linear or Conv2d layers of
+random shapes), a sparsity in ``[0, 0.99]``, a distribution, a policy, an
+optimizer and a schedule, then trains it. After every step: exact active counts,
+zeros outside every mask in the stored weight, the effective weight and every
+optimizer state tensor, masks changing only at update steps with as many weights
+grown as dropped, and the dense ``state_dict`` keys. Midway the model, optimizer
+and sparsifier state dicts go through ``torch.save`` / ``torch.load(...,
+weights_only=True)`` into fresh objects (loaded in a random order), and the
+resumed run must end bit-identical to the uninterrupted one.
+
+Profiles (``SPARSETORCH_HYPOTHESIS_PROFILE``): ``ci`` (default: 200 examples,
+derandomized, so CI runs the same examples every time) and ``thorough`` (2000
+random examples, for a local bug hunt).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hs
+from torch import Tensor, nn
+
+import sparsetorch as st
+
+_HEALTH = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+settings.register_profile(
+    "sparsetorch-ci",
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=_HEALTH,
+)
+settings.register_profile(
+    "sparsetorch-thorough",
+    max_examples=2000,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=_HEALTH,
+)
+PROFILE = settings.get_profile(
+    "sparsetorch-" + os.environ.get("SPARSETORCH_HYPOTHESIS_PROFILE", "ci")
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One drawn example."""
+
+    kind: str  # "mlp" or "cnn"
+    widths: tuple[int, ...]  # features (mlp) or channels (cnn), input first
+    kernels: tuple[int, ...]  # cnn only
+    size: int  # cnn image side
+    sparsity: float
+    distribution: str
+    policy: str
+    optimizer: str
+    update_interval: int
+    total_steps: int
+    drop_fraction: float
+    drop_schedule: str
+    grow_init: str | float
+    seed: int
+    save_at: int
+    load_order: tuple[str, ...]
+
+    def model(self) -> nn.Module:
+        torch.manual_seed(self.seed)
+        layers: list[nn.Module] = []
+        pairs = list(zip(self.widths[:-1], self.widths[1:], strict=True))
+        if self.kind == "mlp":
+            for i, (n_in, n_out) in enumerate(pairs):
+                layers += [nn.Linear(n_in, n_out, bias=i % 2 == 0), nn.Tanh()]
+        else:
+            for (c_in, c_out), k in zip(pairs, self.kernels, strict=True):
+                layers += [nn.Conv2d(c_in, c_out, k, padding=k // 2), nn.Tanh()]
+            layers += [nn.Flatten(), nn.Linear(self.widths[-1] * self.size**2, 3)]
+        return nn.Sequential(*layers)
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(
+                model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3
+            )
+        return torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def sparsify(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, seed: int
+    ) -> st.Sparsifier:
+        return st.sparsify(
+            model,
+            optimizer,
+            policy=self.policy,
+            sparsity=self.sparsity,
+            distribution=self.distribution,
+            total_steps=self.total_steps,
+            update_interval=self.update_interval,
+            drop_fraction=self.drop_fraction,
+            drop_schedule=self.drop_schedule,
+            grow_init=self.grow_init,
+            seed=seed,
+        )
+
+    def batch(self, step: int) -> Tensor:
+        """The input of optimizer step ``step`` (the same in every run)."""
+        g = torch.Generator().manual_seed(1000 * self.seed + step)
+        if self.kind == "mlp":
+            return torch.randn(4, self.widths[0], generator=g)
+        return torch.randn(2, self.widths[0], self.size, self.size, generator=g)
+
+
+@hs.composite
+def cases(draw: hs.DrawFn) -> Case:
+    kind = draw(hs.sampled_from(["mlp", "cnn"]))
+    depth = draw(hs.integers(1, 3))
+    top = 12 if kind == "mlp" else 5
+    widths = tuple(
+        draw(hs.lists(hs.integers(1, top), min_size=depth + 1, max_size=depth + 1))
+    )
+    kernels = tuple(
+        draw(hs.lists(hs.sampled_from([1, 3]), min_size=depth, max_size=depth))
+    )
+    total_steps = draw(hs.integers(2, 14))
+    return Case(
+        kind=kind,
+        widths=widths,
+        kernels=kernels,
+        size=draw(hs.integers(2, 4)),
+        sparsity=draw(hs.floats(0.0, 0.99)),
+        distribution=draw(hs.sampled_from(["uniform", "er", "erk"])),
+        policy=draw(hs.sampled_from(["rigl", "set", "static"])),
+        optimizer=draw(hs.sampled_from(["sgd", "adamw"])),
+        update_interval=draw(hs.integers(1, 4)),
+        total_steps=total_steps,
+        drop_fraction=draw(hs.floats(0.0, 1.0)),
+        drop_schedule=draw(hs.sampled_from(["cosine", "linear", "constant"])),
+        grow_init=draw(hs.sampled_from(["zeros", 0.01])),
+        seed=draw(hs.integers(0, 2**16)),
+        save_at=draw(hs.integers(1, total_steps - 1)),
+        load_order=tuple(draw(hs.permutations(["model", "optimizer", "sparsity"]))),
+    )
+
+
+def effective(model: nn.Module, fqn: str) -> Tensor:
+    module_fqn, _, name = fqn.rpartition(".")
+    return getattr(model.get_submodule(module_fqn), name)  # type: ignore[no-any-return]
+
+
+def check_invariants(
+    case: Case,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sparsifier: st.Sparsifier,
+    dense_keys: list[str],
+) -> None:
+    targets = sparsifier.topology.targets
+    for fqn, mask in sparsifier.masks.items():
+        param = sparsifier.topology.params[fqn]
+        assert int(mask.sum()) == targets[fqn], fqn
+        assert bool((param[~mask] == 0).all()), fqn
+        assert bool((effective(model, fqn)[~mask] == 0).all()), fqn
+        for key, state in optimizer.state[param].items():
+            if isinstance(state, Tensor) and state.shape == param.shape:
+                assert bool((state[~mask] == 0).all()), (fqn, key)
+    assert list(model.state_dict()) == dense_keys
+
+
+def train(
+    case: Case,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sparsifier: st.Sparsifier,
+    steps: range,
+    dense_keys: list[str],
+) -> None:
+    """Train ``steps`` (1-based optimizer steps), checking after every one."""
+    for k in steps:
+        before = {fqn: m.clone() for fqn, m in sparsifier.masks.items()}
+        updates = sparsifier.update_count
+        optimizer.zero_grad()
+        model(case.batch(k)).square().mean().backward()
+        optimizer.step()
+        assert sparsifier.step_count == k
+        check_invariants(case, model, optimizer, sparsifier, dense_keys)
+        scheduled = case.policy != "static" and sparsifier.schedule.is_update_step(k)
+        assert sparsifier.update_count == updates + scheduled
+        for fqn, mask in sparsifier.masks.items():
+            grown = int((mask & ~before[fqn]).sum())
+            dropped = int((before[fqn] & ~mask).sum())
+            assert grown == dropped, fqn
+            if not scheduled:
+                assert grown == 0, fqn
+
+
+def roundtrip(state: dict[str, Any]) -> dict[str, Any]:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded: dict[str, Any] = torch.load(buffer, weights_only=True)
+    return loaded
+
+
+def bits(t: Tensor) -> Tensor:
+    return t.detach().contiguous().view(-1).view(torch.uint8)
+
+
+def same(a: object, b: object) -> bool:
+    """Bit-exact equality of nested state dicts."""
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return (
+            a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+        )
+    if isinstance(a, dict) and isinstance(b, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
+@settings(PROFILE)
+@given(case=cases())
+def test_random_runs_keep_the_invariants_and_resume_bit_exactly(case: Case) -> None:
+    model = case.model()
+    dense_keys = list(model.state_dict())
+    optimizer = case.make_optimizer(model)
+    sparsifier = case.sparsify(model, optimizer, seed=case.seed)
+    check_invariants(case, model, optimizer, sparsifier, dense_keys)
+    train(case, model, optimizer, sparsifier, range(1, case.save_at + 1), dense_keys)
+    saved = roundtrip(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "sparsity": sparsifier.state_dict(),
+        }
+    )
+    assert saved["sparsity"]["format_version"] == 2
+    train(
+        case,
+        model,
+        optimizer,
+        sparsifier,
+        range(case.save_at + 1, case.total_steps + 1),
+        dense_keys,
+    )
+
+    # Fresh objects, other initial weights and masks, then the checkpoint.
+    torch.manual_seed(case.seed + 1)
+    resumed = case.model()
+    resumed_optimizer = case.make_optimizer(resumed)
+    resumed_sparsifier = case.sparsify(resumed, resumed_optimizer, seed=case.seed + 1)
+    loaders = {
+        "model": resumed.load_state_dict,
+        "optimizer": resumed_optimizer.load_state_dict,
+        "sparsity": resumed_sparsifier.load_state_dict,
+    }
+    for name in case.load_order:
+        loaders[name](saved[name])
+    assert resumed_sparsifier.step_count == case.save_at
+    train(
+        case,
+        resumed,
+        resumed_optimizer,
+        resumed_sparsifier,
+        range(case.save_at + 1, case.total_steps + 1),
+        dense_keys,
+    )
+    assert same(resumed.state_dict(), model.state_dict())
+    assert same(resumed_optimizer.state_dict(), optimizer.state_dict())
+    assert same(resumed_sparsifier.state_dict(), sparsifier.state_dict())
