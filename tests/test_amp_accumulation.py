@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -279,3 +282,64 @@ def test_bf16_model_trains_with_bf16_dense_grads():
         _check_invariants(sparsifier, optimizer)
     assert sparsifier.update_count == 2
     assert all(m.dtype == torch.bool for m in sparsifier.masks.values())
+
+
+class _InfAt(torch.autograd.Function):
+    """Identity on the weight; its backward puts an inf at one position."""
+
+    position: tuple[int, int] = (0, 0)
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor) -> Tensor:
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        grad[_InfAt.position] = float("inf")
+        return grad
+
+
+class _InjectInf(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(12, 6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, _InfAt.apply(self.lin.weight), self.lin.bias)
+
+
+@pytest.mark.parametrize("scaler_enabled", [True, False])
+def test_inf_gradient_only_at_an_inactive_position(scaler_enabled: bool):
+    torch.manual_seed(0)
+    model = _InjectInf()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = st.sparsify(
+        model, optimizer, sparsity=0.5, total_steps=100, update_interval=2
+    )
+    mask = sparsifier.masks["lin.weight"]
+    row, col = (int(i) for i in (~mask).nonzero()[0])
+    _InfAt.position = (row, col)
+    scaler = torch.amp.GradScaler("cpu", enabled=scaler_enabled)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for x, _ in _batches(2):
+            optimizer.zero_grad()
+            scaler.scale(model(x).sum()).backward()
+            scaler.step(optimizer)
+            scaler.update()
+    weight = sparsifier.topology.params["lin.weight"]
+    messages = [str(w.message).split(":")[0] for w in caught]
+    if scaler_enabled:
+        # inf * 0 is NaN in the masked .grad, so the scaler sees it and skips.
+        assert (sparsifier.step_count, sparsifier.update_count) == (0, 0)
+        assert int((~weight.isfinite()).sum()) == 0
+        assert messages == []
+    else:
+        # Documents today's behaviour (docs/amp_and_accumulation.md): the update
+        # is skipped, and the NaN that masking makes of the inf reaches the
+        # stored weight at that inactive position.
+        assert (sparsifier.step_count, sparsifier.update_count) == (2, 0)
+        assert messages == ["Skipped the topology update at step 2"]
+        assert not bool(weight[row, col].isfinite())
+        assert int((~weight.isfinite()).sum()) == 1
