@@ -323,6 +323,22 @@ def _fully_shard_after_sparsify(rank: int, out: str) -> dict[str, Any]:
     return result
 
 
+def _average_buckets(rank: int, out: str) -> dict[str, Any]:
+    """``average_`` in buckets: in place, any dtype, contiguous or not."""
+    g = torch.Generator().manual_seed(7)
+    base = [
+        torch.randn(3, 4, generator=g),  # 12: a bucket of its own (fp32, in place)
+        torch.randn(5, generator=g).bfloat16(),  # 5 + 4: one bucket, via fp32
+        torch.randn(4, generator=g),
+        torch.randn(4, 3, generator=g).t(),  # non-contiguous, a bucket alone
+        torch.randn(30, generator=g),  # larger than a bucket: alone
+    ]
+    tensors = [t * (rank + 1) for t in base]
+    with _Spy() as spy:
+        st._distributed.average_(tensors, bucket_numel=10)
+    return {"base": base, "averaged": tensors, "all_reduce_bytes": spy.all_reduce_bytes}
+
+
 SCENARIOS: dict[str, Callable[[int, str], dict[str, Any]]] = {
     "ddp": lambda rank, out: _ddp_training(rank, out, "none"),
     "ddp_accumulate_sync": lambda rank, out: _ddp_training(rank, out, "sync"),
@@ -330,6 +346,7 @@ SCENARIOS: dict[str, Callable[[int, str], dict[str, Any]]] = {
     "set_rank_seeds": _set_with_rank_seeds,
     "batchnorm": _batchnorm_buffers,
     "errors": _errors,
+    "average": _average_buckets,
     "fsdp_after": _fully_shard_after_sparsify,
 }
 
@@ -454,6 +471,19 @@ def test_sparsetorch_all_reduces_4_bytes_per_masked_weight_per_update_only(
     masked = 12 * 24 + 24 * 6
     for result in _scenario(ranks, "ddp"):
         assert result["all_reduce_bytes_per_step"] == [0, 4 * masked] * (STEPS // 2)
+
+
+def test_average_is_the_mean_over_ranks_in_fp32_buckets(ranks: list[dict[str, Any]]):
+    for result in _scenario(ranks, "average"):
+        # Buckets of <= 10 elements: [12], [5 bf16 + 4], [12 non-contiguous], [30].
+        assert result["all_reduce_bytes"] == [48, 36, 48, 120]
+        for base, averaged in zip(result["base"], result["averaged"], strict=True):
+            assert averaged.dtype == base.dtype
+            assert averaged.shape == base.shape
+            expected = (base.float() * 1 + base.float() * 2) / 2  # ranks 0 and 1
+            torch.testing.assert_close(
+                averaged.float(), expected.to(base.dtype).float()
+            )
 
 
 def test_ddp_all_reduces_masked_gradients(ranks: list[dict[str, Any]]):
