@@ -1,0 +1,485 @@
+"""Sparse execution: same results as mask mode, same state, compressed compute."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from conftest import mlp
+from expecttest import assert_expected_inline
+from torch import nn
+
+import sparsetorch as st
+from sparsetorch.execution import (
+    SparseExecution,
+    SparseLinear,
+    executions,
+    export_sparse,
+    sparse_is_faster,
+)
+
+# Float rounding: the sparse kernels sum in another order than dense BLAS.
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def wide_mlp() -> nn.Sequential:
+    """Linear layers wide enough for real sparsity (and one without bias)."""
+    return nn.Sequential(
+        nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 64, bias=False), nn.Tanh(),
+        nn.Linear(64, 10),
+    )  # fmt: skip
+
+
+def data(n: int = 32, steps: int = 1, seed: int = 7) -> list[tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(n, 48, generator=g), torch.randint(0, 10, (n,), generator=g))
+        for _ in range(steps)
+    ]
+
+
+def pair(
+    *, policy: str = "rigl", sparsity: float = 0.9, opt: str = "sgd", **kwargs: object
+) -> dict[str, tuple[nn.Module, torch.optim.Optimizer, st.Sparsifier]]:
+    """The same model, optimizer and sparsifier in mask and in sparse mode."""
+    out = {}
+    for execution in ("mask", "sparse"):
+        torch.manual_seed(0)
+        model = wide_mlp()
+        optimizer: torch.optim.Optimizer
+        if opt == "sgd":
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        else:
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        sparsifier = st.sparsify(
+            model,
+            optimizer,
+            policy=policy,
+            sparsity=sparsity,
+            distribution="uniform",
+            total_steps=1000,
+            update_interval=5,
+            execution=execution,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        out[execution] = (model, optimizer, sparsifier)
+    return out
+
+
+def step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> None:
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+def check_invariants(
+    sparsifier: st.Sparsifier, optimizer: torch.optim.Optimizer
+) -> None:
+    targets = sparsifier.topology.targets
+    for fqn, mask in sparsifier.masks.items():
+        param = sparsifier.topology.params[fqn]
+        assert int(mask.sum()) == targets[fqn], fqn
+        assert torch.all(param[~mask] == 0), fqn
+        if param.grad is not None:
+            assert torch.all(param.grad[~mask] == 0), fqn
+        for state in optimizer.state[param].values():
+            if isinstance(state, torch.Tensor) and state.shape == param.shape:
+                assert torch.all(state[~mask] == 0), fqn
+
+
+# -- same results as mask mode ----------------------------------------------------------
+
+
+def test_sparse_forward_and_gradients_match_mask_mode() -> None:
+    runs = pair(policy="static")
+    ((x, y),) = data()
+    grads = {}
+    for execution, (model, _, _) in runs.items():
+        xi = x.clone().requires_grad_(True)
+        out = model(xi)
+        nn.functional.cross_entropy(out, y).backward()
+        grads[execution] = (
+            out,
+            xi.grad,
+            {n: p.grad for n, p in model.named_parameters()},
+        )
+    (out_m, gx_m, g_m), (out_s, gx_s, g_s) = grads["mask"], grads["sparse"]
+    torch.testing.assert_close(out_s, out_m, **TOL)
+    torch.testing.assert_close(gx_s, gx_m, **TOL)
+    assert g_s.keys() == g_m.keys()
+    for name in g_m:
+        torch.testing.assert_close(g_s[name], g_m[name], **TOL)
+    sparsifier = runs["sparse"][2]
+    for fqn, param in sparsifier.topology.params.items():  # exactly zero outside
+        assert param.grad is not None
+        assert torch.all(param.grad[~sparsifier.masks[fqn]] == 0)
+        assert int(torch.count_nonzero(param.grad)) <= int(sparsifier.masks[fqn].sum())
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_rigl_training_matches_mask_mode_masks_and_weights(opt: str) -> None:
+    runs = pair(opt=opt)
+    batches = data(steps=22)
+    for x, y in batches:
+        for model, optimizer, sparsifier in runs.values():
+            step(model, optimizer, x, y)
+            check_invariants(sparsifier, optimizer)
+    (mm, _, sm), (ms, _, ss) = runs["mask"], runs["sparse"]
+    assert sm.update_count == ss.update_count == 4
+    for fqn in sm.masks:
+        assert torch.equal(sm.masks[fqn], ss.masks[fqn]), fqn
+    assert list(ms.state_dict()) == list(mm.state_dict())
+    for key, value in mm.state_dict().items():
+        torch.testing.assert_close(ms.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_capture_step_gives_mask_modes_dense_gradient() -> None:
+    runs = pair()
+    for x, y in data(steps=4):  # the 5th step captures: arm it, don't update yet
+        for model, optimizer, _ in runs.values():
+            step(model, optimizer, x, y)
+    captured = {}
+    ((x, y),) = data(seed=3)
+    for execution, (model, optimizer, sparsifier) in runs.items():
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        parametrizations = sparsifier.topology.parametrizations
+        assert all(p.capturing for p in parametrizations.values())
+        captured[execution] = {f: p.dense_grad for f, p in parametrizations.items()}
+        check_invariants(sparsifier, optimizer)  # .grad itself is masked
+    for fqn, dense in captured["mask"].items():
+        assert dense is not None and bool((dense != 0).any())
+        torch.testing.assert_close(captured["sparse"][fqn], dense, **TOL)
+
+
+def test_gradient_accumulation_over_two_backwards_is_masked() -> None:
+    runs = pair(policy="static")
+    (x, y), (x2, y2) = data(steps=2)
+    for model, optimizer, _ in runs.values():
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        nn.functional.cross_entropy(model(x2), y2).backward()
+    sm, ss = runs["mask"][2], runs["sparse"][2]
+    for fqn, param in ss.topology.params.items():
+        assert param.grad is not None
+        assert torch.all(param.grad[~ss.masks[fqn]] == 0)
+        torch.testing.assert_close(param.grad, sm.topology.params[fqn].grad, **TOL)
+
+
+def test_grad_set_to_zero_instead_of_none_still_masked() -> None:
+    runs = pair(policy="static")
+    for x, y in data(steps=3):
+        for model, optimizer, _ in runs.values():
+            optimizer.zero_grad(set_to_none=False)
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    (mm, _, _), (ms, opt_s, ss) = runs["mask"], runs["sparse"]
+    check_invariants(ss, opt_s)
+    for key, value in mm.state_dict().items():
+        torch.testing.assert_close(ms.state_dict()[key], value, **TOL)
+
+
+def test_weight_used_elsewhere_gets_its_dense_gradient_masked() -> None:
+    """A second, dense use of the stored weight adds an unmasked contribution."""
+    model = nn.Sequential(nn.Linear(16, 16))
+    sparsifier = st.sparsify(model, policy="static", sparsity=0.75, execution="sparse")
+    x = torch.randn(4, 16)
+    (model(x).sum() + model[0].weight.sum()).backward()
+    mask = sparsifier.masks["0.weight"]
+    grad = sparsifier.topology.params["0.weight"].grad
+    assert grad is not None and torch.all(grad[~mask] == 0)
+    assert torch.all(grad[mask] != 0)
+
+
+def test_three_dim_input_float64_and_eval_mode() -> None:
+    torch.manual_seed(0)
+    layers = {e: nn.Linear(12, 8).double() for e in ("mask", "sparse")}
+    layers["sparse"].load_state_dict(layers["mask"].state_dict())
+    for execution, layer in layers.items():
+        st.sparsify(layer, policy="static", sparsity=0.5, execution=execution)
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    out = {e: layer(x) for e, layer in layers.items()}
+    assert out["sparse"].shape == (2, 5, 8) and out["sparse"].is_contiguous()
+    torch.testing.assert_close(out["sparse"], out["mask"])
+    with torch.no_grad():
+        eval_out = layers["sparse"].eval()(x)
+    assert not eval_out.requires_grad
+    torch.testing.assert_close(eval_out, out["mask"].detach())
+
+
+def test_sparse_falls_back_to_mask_compute_under_autocast_with_one_warning() -> None:
+    runs = pair(policy="static")
+    ((x, _),) = data()
+    out = {}
+    for execution, (model, _, _) in runs.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out[execution] = model(x)
+                model(x)
+        if execution == "sparse":
+            messages = [str(w.message) for w in caught]
+            assert len(messages) == 3  # once per layer, not per call
+            assert_expected_inline(
+                messages[0],
+                """execution='sparse': autocast is enabled, so this layer computes in mask mode (same results, dense speed).""",
+            )
+    assert torch.equal(out["sparse"], out["mask"])
+
+
+# -- the compressed structure -------------------------------------------------------------
+
+
+def forwards(sparsifier: st.Sparsifier) -> list[SparseExecution]:
+    model = sparsifier.topology.model
+    found = [m.__dict__.get("forward") for m in model.modules()]
+    return [f for f in found if isinstance(f, SparseExecution)]
+
+
+def test_structure_is_rebuilt_once_per_update_not_per_step() -> None:
+    runs = pair()
+    model, optimizer, sparsifier = runs["sparse"]
+    for x, y in data(steps=12):
+        step(model, optimizer, x, y)
+    assert sparsifier.update_count == 2
+    assert [f.rebuilds for f in forwards(sparsifier)] == [3, 3, 3]  # start + 2
+    assert [f.sparse_calls for f in forwards(sparsifier)] == [12, 12, 12]
+
+
+def test_sparsifier_load_state_dict_switches_structure_and_matches_mask_mode() -> None:
+    runs = pair()
+    for x, y in data(steps=6):  # one update: masks differ from a fresh run's
+        for model, optimizer, _ in runs.values():
+            step(model, optimizer, x, y)
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "model": runs["mask"][0].state_dict(),
+            "sparsity": runs["mask"][2].state_dict(),
+        },
+        buffer,
+    )
+    fresh = pair()
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    for model, _, sparsifier in fresh.values():
+        model.load_state_dict(checkpoint["model"])
+        sparsifier.load_state_dict(checkpoint["sparsity"])
+    ((x, _),) = data(seed=11)
+    expected = runs["mask"][0](x)
+    for model, _, _ in fresh.values():
+        torch.testing.assert_close(model(x), expected, **TOL)
+    assert [f.rebuilds for f in forwards(fresh["sparse"][2])] == [1, 1, 1]
+
+
+def test_dense_state_dict_loaded_alone_is_masked_before_use() -> None:
+    runs = pair(policy="static")
+    torch.manual_seed(5)
+    dense = wide_mlp().state_dict()  # no zeros
+    ((x, _),) = data()
+    out = {}
+    for execution, (model, _, sparsifier) in runs.items():
+        model.load_state_dict(dense)
+        out[execution] = model(x)
+        for fqn, param in sparsifier.topology.params.items():
+            assert torch.all(param[~sparsifier.masks[fqn]] == 0)
+    torch.testing.assert_close(out["sparse"], out["mask"], **TOL)
+
+
+def test_state_dict_keys_and_values_are_mask_modes() -> None:
+    runs = pair(policy="static")
+    mask_sd, sparse_sd = (m.state_dict() for m, _, _ in runs.values())
+    assert list(sparse_sd) == list(mask_sd) == list(wide_mlp().state_dict())
+    for key in mask_sd:
+        assert torch.equal(sparse_sd[key], mask_sd[key])
+
+
+def test_deepcopy_of_a_sparse_model_trains_on_its_own() -> None:
+    runs = pair(policy="static")
+    model = runs["sparse"][0]
+    clone = copy.deepcopy(model)
+    ((x, y),) = data()
+    torch.testing.assert_close(clone(x), model(x))
+    nn.functional.cross_entropy(clone(x), y).backward()
+    assert all(p.grad is None for p in model.parameters())
+    clone_fwd = [m.__dict__.get("forward") for m in clone.modules()]
+    assert sum(isinstance(f, SparseExecution) for f in clone_fwd) == 3
+    assert all(f.module is not m for f in clone_fwd if f for m in model.modules())
+
+
+# -- switching modes -------------------------------------------------------------------
+
+
+def test_executions_and_set_execution_round_trip() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    sparsifier = st.sparsify(model, policy="static", sparsity=0.5, execution="sparse")
+    assert sparsifier.execution == "sparse"
+    assert executions(sparsifier.topology) == {"0.weight": "mask", "2.weight": "sparse"}
+    sparsifier.set_execution("auto")
+    assert executions(sparsifier.topology) == {"0.weight": "mask", "2.weight": "auto"}
+    sparsifier.set_execution("mask")
+    assert "forward" not in model[2].__dict__
+    assert executions(sparsifier.topology) == {"0.weight": "mask", "2.weight": "mask"}
+
+
+def test_remove_restores_the_plain_module() -> None:
+    model = mlp()
+    sparsifier = st.sparsify(model, policy="static", sparsity=0.5, execution="sparse")
+    x = torch.randn(3, 20)
+    before = model(x)
+    sparsifier.remove()
+    assert all(type(m) is nn.Linear for m in model if not isinstance(m, nn.ReLU))
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    torch.testing.assert_close(model(x), before, **TOL)
+    torch.save(model, io.BytesIO())  # a plain model pickles
+
+
+def test_unknown_execution_raises_and_leaves_the_model_unchanged() -> None:
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as error:
+        st.sparsify(model, sparsity=0.5, total_steps=10, execution="csr")
+    assert_expected_inline(
+        str(error.value),
+        """\
+Unknown execution 'csr'.
+Known executions: ['auto', 'mask', 'sparse'] ('mask': dense compute on masked weights, 'sparse': compressed weights, 'auto': sparse where it is faster).""",
+    )
+    with pytest.raises(TypeError) as type_error:
+        st.sparsify(model, sparsity=0.5, total_steps=10, execution=None)  # type: ignore[arg-type]
+    assert_expected_inline(
+        str(type_error.value),
+        """execution must be a string, one of ['mask', 'sparse', 'auto'], got None.""",
+    )
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_sparse_execution_repr() -> None:
+    model = nn.Sequential(nn.Linear(8, 8))
+    sparsifier = st.sparsify(model, policy="static", sparsity=0.5, execution="sparse")
+    model(torch.randn(2, 8))
+    (forward,) = forwards(sparsifier)
+    assert_expected_inline(
+        repr(forward),
+        """SparseExecution(mode='sparse', sparse_calls=1, dense_calls=0, rebuilds=1)""",
+    )
+
+
+# -- auto ---------------------------------------------------------------------------------
+
+
+def test_auto_runs_sparse_only_where_the_cost_model_says_so() -> None:
+    model = nn.Sequential(nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 16))
+    sparsifier = st.sparsify(
+        model, policy="static", distribution={"0.weight": 0.98, "2.weight": 0.98},
+        execution="auto",
+    )  # fmt: skip
+    big, small = forwards(sparsifier)
+    model(torch.randn(128, 1024)).sum().backward()
+    with torch.no_grad():
+        model(torch.randn(128, 1024))
+    assert (big.sparse_calls, big.dense_calls) == (2, 0)
+    assert (small.sparse_calls, small.dense_calls) == (0, 2)  # too small to win
+    assert small.rebuilds == 0  # never compressed
+
+
+def test_cost_model_rules() -> None:
+    # Measured in docs/sparse_execution.md: big layers at high sparsity win, small
+    # layers, low sparsity, tiny batches (training) and non-CPU devices do not.
+    assert sparse_is_faster(2048, 2048, 84_000, 128, training=True)
+    assert not sparse_is_faster(2048, 2048, 2_000_000, 128, training=True)
+    assert not sparse_is_faster(64, 64, 80, 128, training=True)
+    assert not sparse_is_faster(2048, 2048, 84_000, 128, training=True, device="cuda")
+    assert sparse_is_faster(2048, 2048, 84_000, 1, training=False)
+
+
+# -- export ---------------------------------------------------------------------------------
+
+
+def test_export_matches_the_model_and_leaves_it_unchanged() -> None:
+    runs = pair()
+    model, optimizer, sparsifier = runs["sparse"]
+    for x, y in data(steps=6):
+        step(model, optimizer, x, y)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    exported = sparsifier.export(execution="sparse")
+    assert_expected_inline(
+        str(exported),
+        """\
+Sequential(
+  (0): SparseLinear(in_features=48, out_features=64, nnz=307, bias=True)
+  (1): ReLU()
+  (2): SparseLinear(in_features=64, out_features=64, nnz=410, bias=False)
+  (3): Tanh()
+  (4): SparseLinear(in_features=64, out_features=10, nnz=64, bias=True)
+)""",
+    )
+    assert not exported.training
+    ((x, y),) = data(seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), model(x), **TOL)
+    buffer = io.BytesIO()
+    torch.save(exported, buffer)  # a plain module: pickles
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(x), exported(x))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+    step(model, optimizer, x, y)  # the original still trains sparse
+    check_invariants(sparsifier, optimizer)
+    assert [f.sparse_calls for f in forwards(sparsifier)] == [8, 8, 8]
+
+
+def test_export_keeps_conv_layers_dense_and_in_dense_order() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    st.sparsify(model, policy="static", sparsity=0.5, distribution="uniform")
+    exported = export_sparse(model, execution="sparse")
+    assert type(exported[0]) is nn.Conv2d and isinstance(exported[2], SparseLinear)
+    assert list(exported.state_dict()) == [
+        "0.weight", "0.bias", "2.weight", "2.bias"
+    ]  # fmt: skip
+    assert int((exported[0].weight == 0).sum()) == 54
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(exported(x), model(x), **TOL)
+    assert type(model[0]).__name__ == "ParametrizedConv2d"  # the model is untouched
+
+
+def test_export_of_a_plain_model_uses_its_zeros_and_auto_skips_small_layers() -> None:
+    model = nn.Sequential(nn.Linear(1024, 512), nn.Linear(512, 4))
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.mul_(torch.rand_like(layer.weight) < 0.02)
+    auto = export_sparse(model)
+    assert [type(m).__name__ for m in auto] == ["SparseLinear", "Linear"]
+    assert [type(m).__name__ for m in export_sparse(model, execution="mask")] == [
+        "Linear", "Linear"
+    ]  # fmt: skip
+    x = torch.randn(3, 1024)
+    torch.testing.assert_close(auto(x), model(x), **TOL)
+
+
+def test_export_rejects_bad_arguments() -> None:
+    model = mlp()
+    with pytest.raises(ValueError, match="Unknown execution 'fast'"):
+        export_sparse(model, execution="fast")
+    with pytest.raises(ValueError) as error:
+        export_sparse(model, batch_size=0)
+    assert_expected_inline(
+        str(error.value), """batch_size must be an int >= 1, got 0."""
+    )
+
+
+def test_sparse_linear_rejects_a_non_matrix_weight() -> None:
+    with pytest.raises(ValueError) as error:
+        SparseLinear(torch.zeros(2, 3, 4), None)
+    assert_expected_inline(
+        str(error.value),
+        """SparseLinear needs a dense 2-D weight, got shape (2, 3, 4) and layout torch.strided.""",
+    )
