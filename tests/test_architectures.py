@@ -553,3 +553,24 @@ def test_optimizer_step_with_a_closure() -> None:
         optimizer.step(closure)
         check_invariants(model, sparsifier, optimizer, dense_keys)
     assert sparsifier.update_count == UPDATES
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lstm_on_cuda_keeps_the_mask_through_cudnn() -> None:
+    # cuDNN computes with a flattened copy of the weights when they are not one
+    # contiguous chunk: the result must still be the masked weights'.
+    model = Recurrent().cuda()
+    plain = copy.deepcopy(model)
+    sparsifier, _ = train(
+        model,
+        adam,
+        lambda g: torch.randn(5, 2, 4, generator=g).cuda(),
+        include=["lstm.weight_*"],
+        sparsity=0.7,
+    )
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(5, 2, 4, device="cuda")
+    torch.testing.assert_close(model(x), plain(x))
+    for fqn, mask in sparsifier.masks.items():
+        assert torch.all(effective(model, fqn)[~mask] == 0)
