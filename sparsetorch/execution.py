@@ -325,6 +325,7 @@ class SparseExecution:
         if not parametrize.is_parametrized(module, "weight"):
             del module.__dict__["forward"]  # the parametrization is gone
             return cast(Tensor, module(input))
+        self.parametrization.mark_grad_masked(None)  # forget an unused mark
         weight = module.weight  # through the parametrization: re-masks if stale
         if not self._use_sparse(input, weight):
             self.dense_calls += 1
@@ -442,6 +443,7 @@ def set_execution(topology: Topology, execution: str) -> None:
     """
     check_execution(execution)
     for module, p in _linear_modules(topology).values():
+        p.mark_grad_masked(None)
         current = module.__dict__.get("forward")
         if isinstance(current, SparseExecution):
             del module.__dict__["forward"]

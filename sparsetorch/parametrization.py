@@ -69,7 +69,7 @@ class MaskParametrization(nn.Module):
         self._param: weakref.ReferenceType[Tensor] | None = None
         self._handles: list[RemovableHandle] = []
         self._grad_token: tuple[weakref.ReferenceType[Tensor], int] | None = None
-        self._masked_grad: tuple[weakref.ReferenceType[Tensor], int] | None = None
+        self._masked_grad: tuple[int, int] | None = None
 
     def forward(self, X: Tensor) -> Tensor:
         if self.stale:
@@ -109,15 +109,17 @@ class MaskParametrization(nn.Module):
         self._param = None
         self.release()
 
-    def mark_grad_masked(self, grad: Tensor) -> None:
+    def mark_grad_masked(self, grad: Tensor | None) -> None:
         """Say that ``grad``, about to be accumulated, is zero outside the mask.
 
         Sparse execution (``sparsetorch.execution``) computes the weight gradient
         only at active positions. If ``.grad`` is exactly that tensor when the
-        post-accumulate hook runs (nothing else was summed into it), the hook
-        skips its masking pass; otherwise it masks as always.
+        post-accumulate hook runs next (same memory, not written since: nothing
+        else was summed into it), the hook skips its masking pass; otherwise it
+        masks as always. ``None`` forgets a mark whose gradient was never
+        accumulated (the layer's next forward does that).
         """
-        self._masked_grad = (weakref.ref(grad), grad._version)
+        self._masked_grad = None if grad is None else (grad.data_ptr(), grad._version)
 
     def release(self) -> None:
         """Drop the captured dense gradient."""
@@ -181,11 +183,8 @@ class _MaskGradHook:
         if owner is None or param.grad is None:
             return
         token, owner._masked_grad = owner._masked_grad, None
-        if (
-            token is None
-            or token[0]() is not param.grad
-            or token[1] != param.grad._version
-        ):  # else: .grad is the masked gradient itself, untouched
+        if token != (param.grad.data_ptr(), param.grad._version):
+            # (else .grad is the masked gradient itself, untouched)
             with torch.no_grad():
                 # The same bytes read as uint8: float * uint8 converts the mask on
                 # a vectorised path, float * bool element by element (about 2x
