@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 import weakref
 from typing import Any
 
@@ -9,7 +10,43 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+_np: types.ModuleType | None
+try:
+    import numpy as _np
+except ImportError:  # pragma: no cover - torch works without numpy
+    _np = None
+
 __all__ = ["MaskParametrization"]
+
+# dtypes that numpy multiplies by a uint8 mask without changing them.
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
+
+
+def _mask_(tensor: Tensor, mask: Tensor) -> None:
+    """``tensor *= mask`` in place, for a bool ``mask`` of ``tensor``'s shape.
+
+    On the CPU numpy does it in one pass, converting the mask in small cached
+    blocks. ``torch.mul_`` with a bool or uint8 mask first converts the whole
+    mask into a weight-sized float temporary (fresh memory: page faults every
+    time), which made masking the gradient 3-5x slower than a float multiply.
+    """
+    if (
+        _np is not None
+        and tensor.device.type == "cpu"
+        and tensor.dtype in _NUMPY_DTYPES
+        and tensor.layout == torch.strided
+        and tensor.is_contiguous()
+        and mask.is_contiguous()
+        and not tensor.is_conj()
+        and not tensor.is_neg()
+    ):
+        target = tensor.detach()  # the same memory and version counter
+        array = target.numpy()
+        _np.multiply(array, mask.numpy().view(_np.uint8), out=array)
+        torch.autograd.graph.increment_version(target)
+    else:
+        with torch.no_grad():
+            tensor.mul_(mask.view(torch.uint8))
 
 
 class MaskParametrization(nn.Module):
@@ -185,10 +222,6 @@ class _MaskGradHook:
         token, owner._masked_grad = owner._masked_grad, None
         if token != (param.grad.data_ptr(), param.grad._version):
             # (else .grad is the masked gradient itself, untouched)
-            with torch.no_grad():
-                # The same bytes read as uint8: float * uint8 converts the mask on
-                # a vectorised path, float * bool element by element (about 2x
-                # slower).
-                param.grad.mul_(owner.mask.view(torch.uint8))
+            _mask_(param.grad, owner.mask)
         if owner.capturing:
             owner._grad_token = (weakref.ref(param.grad), param.grad._version)

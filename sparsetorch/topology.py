@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from sparsetorch.distributions import active_count
-from sparsetorch.parametrization import MaskParametrization
+from sparsetorch.parametrization import MaskParametrization, _mask_
 
 __all__ = ["DEFAULT_MODULE_TYPES", "Topology", "named_tensors", "select_tensors"]
 
@@ -351,16 +351,14 @@ class Topology:
         for fqn, new in new_masks.items():
             entry = self._entries[fqn]
             param, old = entry.param, entry.mask
-            # One float copy of the kept positions, multiplied into the weight
-            # and each state tensor: a vectorised pass each (masked_fill with a
-            # bool mask goes element by element; so does bool -> float, uint8 ->
-            # float does not).
-            keep = (old & new).view(torch.uint8).to(param.dtype)
-            param.mul_(keep)
+            # Multiplying by the mask is one vectorised pass (_mask_); masked_fill
+            # with a bool mask goes element by element.
+            keep = old & new
+            _mask_(param, keep)
             if grow_value != 0.0:
                 param.masked_fill_(new & ~old, grow_value)
             if param.grad is not None:
-                param.grad.mul_(new.view(torch.uint8))
+                _mask_(param.grad, new)
             if optimizer is not None:
                 _keep_state(optimizer, param, keep)
             old.copy_(new)
@@ -370,12 +368,11 @@ class Topology:
     def apply_masks(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Zero the stored weights (and optimizer state) outside the current masks."""
         for entry in self._entries.values():
-            entry.param.mul_(entry.mask)
+            _mask_(entry.param, entry.mask)
             if optimizer is not None:
                 # A multiply, like apply(): it keeps the sign of zeros, so a
                 # resumed run stays bit-identical (masked_fill would write +0).
-                keep = entry.mask.view(torch.uint8).to(entry.param.dtype)
-                _keep_state(optimizer, entry.param, keep)
+                _keep_state(optimizer, entry.param, entry.mask)
             entry.parametrization.stale = False
 
     def remove(self) -> None:
@@ -436,13 +433,13 @@ def _remask_stale(
 
 
 def _keep_state(optimizer: torch.optim.Optimizer, param: Tensor, keep: Tensor) -> None:
-    """Zero every optimizer state tensor of ``param``'s shape where ``keep`` is 0."""
+    """Zero every optimizer state tensor of ``param``'s shape outside ``keep``."""
     for value in optimizer.state.get(param, {}).values():
         if isinstance(value, Tensor) and value.shape == param.shape:
             if value.is_floating_point():
-                value.mul_(keep)
+                _mask_(value, keep)
             else:
-                value.masked_fill_(keep == 0, 0)
+                value.masked_fill_(~keep, 0)
 
 
 def _plist(module: nn.Module, name: str) -> parametrize.ParametrizationList:
