@@ -304,6 +304,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument(
+        "--sizes", help="grid layer sizes, e.g. 1024x1024,4096x1024 (default: all)"
+    )
+    parser.add_argument(
+        "--densities", help="grid densities, e.g. 0.02,0.1 (default: 1%%..20%%)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 3 rounds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -312,6 +318,12 @@ def main() -> None:
         f"{args.threads} thread(s), load average {os.getloadavg()[0]:.2f}"
     )
     width, sizes, densities, rounds = 2048, SIZES, DENSITIES, args.rounds
+    if args.sizes:
+        sizes = tuple(
+            (int(o), int(i)) for o, i in (s.split("x") for s in args.sizes.split(","))
+        )
+    if args.densities:
+        densities = tuple(float(d) for d in args.densities.split(","))
     if args.quick:
         width, sizes, densities, rounds = 256, ((256, 256),), (0.05,), 3
     for what in args.what:

@@ -46,6 +46,7 @@ from sparsetorch.parametrization import MaskParametrization
 from sparsetorch.topology import Topology
 
 __all__ = [
+    "AUTO_RULES",
     "EXECUTIONS",
     "SparseExecution",
     "SparseLinear",
@@ -84,11 +85,23 @@ def check_execution(execution: object) -> str:
 
 # -- the cost model -----------------------------------------------------------------
 
-# Crossover densities measured on CPU (benchmarks/sparse_execution.py --crossover,
-# see docs/sparse_execution.md): below them the sparse path is faster. They are
-# chosen on the safe side: ``auto`` must never be slower than mask mode.
-_MIN_NUMEL = 1 << 18  # smaller weights: per-call overheads dominate
-_MIN_ROWS_TRAIN = 16
+#: ``(training, min_rows, min_numel, max_density)``: a call runs sparse under
+#: ``"auto"`` when the first row with its ``training`` flag, ``rows >= min_rows``
+#: and ``out * in >= min_numel`` has ``nnz / (out * in) <= max_density``; when no
+#: row matches, the call computes in mask mode. Measured on CPU with one
+#: thread (``benchmarks/sparse_execution.py grid``, see
+#: ``docs/sparse_execution.md``) and set below the measured crossovers, so that
+#: ``"auto"`` is never slower than mask mode: near a crossover both paths take
+#: about the same time, so erring towards mask mode costs little.
+AUTO_RULES: tuple[tuple[bool, int, int, float], ...] = (
+    # training: forward, input gradient, weight gradient at active positions
+    (True, 128, 1 << 18, 0.05),
+    (True, 16, 1 << 20, 0.02),
+    # inference: forward only
+    (False, 16, 1 << 18, 0.10),
+    (False, 1, 1 << 20, 0.05),
+    (False, 1, 1 << 18, 0.02),
+)
 
 
 def sparse_is_faster(
@@ -100,12 +113,13 @@ def sparse_is_faster(
     training: bool,
     device: torch.device | str = "cpu",
 ) -> bool:
-    """Predict whether the sparse path beats the dense one for one layer call.
+    """Predict whether the sparse path beats mask mode for one layer call.
 
-    The rule is a cost model fitted to measurements on CPU (see
-    ``docs/sparse_execution.md``): the sparse path pays per active weight and
-    per row of the batch, plus a per-weight cost in training (the dense weight
-    gradient handed to the optimizer); the dense path pays per weight and row.
+    Looks the call up in :data:`AUTO_RULES`, crossovers measured on CPU: the
+    sparse path wins when the layer is large, its density low, and (more so in
+    training) the batch large enough for the saved multiply-adds to outweigh
+    the per-call costs (building the CSR views, the dense gradient the optimizer
+    still gets). Only CPU is measured, so other devices always get ``False``.
 
     Args:
         out_features: rows of the weight.
@@ -113,30 +127,29 @@ def sparse_is_faster(
         nnz: active weights.
         rows: rows of the input (the batch, times the sequence length).
         training: whether the weight gradient is computed too.
-        device: where the layer runs; only CPU is measured, so any other
-            device gets ``False``. Default: ``"cpu"``.
+        device: where the layer runs. Default: ``"cpu"``.
 
     Returns:
         Whether ``"auto"`` runs the call sparse.
 
     Example::
 
-        >>> sparse_is_faster(2048, 2048, 84_000, 128, training=True)
+        >>> sparse_is_faster(2048, 2048, 84_000, 128, training=True)  # 2%
         True
-        >>> sparse_is_faster(2048, 2048, 840_000, 128, training=True)
+        >>> sparse_is_faster(2048, 2048, 400_000, 128, training=True)  # 9.5%
         False
+        >>> sparse_is_faster(2048, 2048, 400_000, 128, training=False)
+        True
     """
     if torch.device(device).type != "cpu":
         return False
     numel = out_features * in_features
-    if numel < _MIN_NUMEL or nnz >= numel:
+    if nnz >= numel:
         return False
-    density = nnz / numel
-    if training:
-        if rows < _MIN_ROWS_TRAIN:
-            return False
-        return density <= 0.05
-    return density <= 0.1
+    for is_training, min_rows, min_numel, max_density in AUTO_RULES:
+        if is_training == training and rows >= min_rows and numel >= min_numel:
+            return nnz <= max_density * numel
+    return False
 
 
 # -- the compressed structure ----------------------------------------------------------
@@ -319,6 +332,9 @@ class SparseExecution:
         self.sparse_calls = 0
         self.dense_calls = 0
         self._warned = False
+        self._nnz_of: Tensor | None = None  # the mask _nnz was counted on
+        self._nnz_version = -1
+        self._nnz = 0
 
     def __call__(self, input: Tensor) -> Tensor:
         module = self.module
@@ -360,15 +376,14 @@ class SparseExecution:
             return True
         out, inp = weight.shape
         training = torch.is_grad_enabled() and weight.requires_grad
-        nnz = (
-            self.plan.nnz
-            if self.plan is not None and self.plan.matches(self.parametrization.mask)
-            else int(self.parametrization.mask.sum())
-        )
+        mask = self.parametrization.mask
+        if self._nnz_of is not mask or self._nnz_version != mask._version:
+            self._nnz_of, self._nnz_version = mask, mask._version
+            self._nnz = int(mask.sum())  # once per mask change, not per call
         return sparse_is_faster(
             out,
             inp,
-            nnz,
+            self._nnz,
             input.numel() // max(inp, 1),
             training=training,
             device=weight.device,

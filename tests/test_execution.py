@@ -390,14 +390,35 @@ def test_auto_runs_sparse_only_where_the_cost_model_says_so() -> None:
     assert small.rebuilds == 0  # never compressed
 
 
-def test_cost_model_rules() -> None:
-    # Measured in docs/sparse_execution.md: big layers at high sparsity win, small
-    # layers, low sparsity, tiny batches (training) and non-CPU devices do not.
-    assert sparse_is_faster(2048, 2048, 84_000, 128, training=True)
-    assert not sparse_is_faster(2048, 2048, 2_000_000, 128, training=True)
-    assert not sparse_is_faster(64, 64, 80, 128, training=True)
-    assert not sparse_is_faster(2048, 2048, 84_000, 128, training=True, device="cuda")
-    assert sparse_is_faster(2048, 2048, 84_000, 1, training=False)
+def test_cost_model_follows_the_measured_crossovers() -> None:
+    # AUTO_RULES, measured in docs/sparse_execution.md: big layers at low density
+    # win; small layers, higher density, small batches (more so in training) and
+    # non-CPU devices do not.
+    cases = {
+        # (out, in, density, rows, training): sparse?
+        (2048, 2048, 0.02, 128, True): True,
+        (2048, 2048, 0.05, 128, True): True,
+        (2048, 2048, 0.06, 128, True): False,
+        (512, 512, 0.05, 128, True): True,
+        (256, 512, 0.01, 128, True): False,  # below 2**18 weights
+        (1024, 1024, 0.02, 64, True): True,
+        (1024, 1024, 0.03, 64, True): False,
+        (512, 1024, 0.01, 64, True): False,  # small batch needs 2**20 weights
+        (2048, 2048, 0.01, 8, True): False,  # tiny batch: never in training
+        (2048, 2048, 0.10, 16, False): True,
+        (2048, 2048, 0.11, 16, False): False,
+        (2048, 2048, 0.05, 1, False): True,
+        (2048, 2048, 0.06, 1, False): False,
+        (512, 512, 0.02, 1, False): True,
+        (512, 512, 0.03, 1, False): False,
+    }
+    got = {
+        case: sparse_is_faster(o, i, int(d * o * i), r, training=t)
+        for case, (o, i, d, r, t) in zip(cases, cases, strict=True)
+    }
+    assert got == cases
+    assert not sparse_is_faster(2048, 2048, 1000, 128, training=True, device="cuda")
+    assert not sparse_is_faster(2048, 2048, 2048 * 2048, 128, training=False)
 
 
 # -- export ---------------------------------------------------------------------------------
