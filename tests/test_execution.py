@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import copy
 import io
+import os
+import pathlib
 import warnings
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from conftest import mlp
 from expecttest import assert_expected_inline
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsetorch as st
 from sparsetorch.execution import (
@@ -504,3 +509,55 @@ def test_sparse_linear_rejects_a_non_matrix_weight() -> None:
         str(error.value),
         """SparseLinear needs a dense 2-D weight, got shape (2, 3, 4) and layout torch.strided.""",
     )
+
+
+# -- DistributedDataParallel ----------------------------------------------------------------
+
+
+def _ddp_sparse_worker(rank: int, out: str) -> None:
+    """Train in sparse mode under DDP (2 ranks, gloo) on halves of the batches."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{out}/store", rank=rank, world_size=2
+    )
+    try:
+        runs = pair()
+        model, optimizer, sparsifier = runs["sparse"]
+        ddp = DDP(model)
+        for x, y in data(steps=7):
+            optimizer.zero_grad()
+            half = slice(rank * 16, (rank + 1) * 16)
+            nn.functional.cross_entropy(ddp(x[half]), y[half]).backward()
+            optimizer.step()
+        torch.save(
+            {
+                "masks": dict(sparsifier.masks),
+                "weights": dict(model.state_dict()),
+                "updates": sparsifier.update_count,
+                "sparse_calls": [f.sparse_calls for f in forwards(sparsifier)],
+            },
+            os.path.join(out, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo"
+)
+def test_ddp_sparse_ranks_match_a_single_process_mask_mode_run(
+    tmp_path: pathlib.Path,
+) -> None:
+    mp.spawn(_ddp_sparse_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    model, optimizer, sparsifier = pair()["mask"]
+    for x, y in data(steps=7):
+        step(model, optimizer, x, y)
+    assert sparsifier.update_count == 1
+    for result in ranks:
+        assert result["updates"] == 1
+        assert result["sparse_calls"] == [7, 7, 7]
+        for fqn, mask in sparsifier.masks.items():
+            assert torch.equal(result["masks"][fqn], mask), fqn
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(result["weights"][key], value, **TOL)
