@@ -13,11 +13,12 @@ Three measurements (``docs/sparse_execution.md`` shows their tables):
   ``export_sparse`` (every layer sparse) against the dense model, under
   ``torch.inference_mode()``, at batch 1 and 128.
 * ``grid``: one layer of each size and density (1%, 2%, 5%, 10%, 20%) at
-  batch 128: a training step (forward, backward with an input gradient, SGD
-  step) in mask and sparse mode, and an inference forward (dense ``F.linear``
-  against :class:`~sparsetorch.execution.SparseLinear`), each as a ratio to
-  dense. It locates the crossover that ``execution="auto"`` uses, and prints
-  what ``auto`` chose next to the measured winner.
+  ``--batch`` rows (128): a training step (forward, backward with an input
+  gradient, SGD step) in mask, sparse and auto mode, and an inference forward
+  (dense ``F.linear`` against :class:`~sparsetorch.execution.SparseLinear`),
+  each as a ratio to dense. It locates the crossovers behind
+  ``execution="auto"`` (``AUTO_RULES``), prints what ``auto`` chose next to
+  the measured winner, and auto's time over mask mode's.
 
 Timing: rounds of interleaved blocks (``dense``, then each variant, the order
 rotating every round); each variant's ratio is the median over rounds of its
@@ -256,10 +257,10 @@ def bench_grid(
         "(training step; inference forward)\n"
     )
     print(
-        "| out x in | density | train mask | train sparse | auto (train) "
-        "| infer sparse | auto (infer) |"
+        "| out x in | density | train mask | train sparse | train auto "
+        "| auto / mask | auto (train) | infer sparse | auto (infer) |"
     )
-    print("|---|---:|---:|---:|---|---:|---|")
+    print("|---|---:|---:|---:|---:|---:|---|---:|---|")
     for out_f, in_f in sizes:
         for density in densities:
             train = timed_rounds(
@@ -267,6 +268,7 @@ def bench_grid(
                     "dense": layer_train_step(out_f, in_f, None, batch, "mask"),
                     "mask": layer_train_step(out_f, in_f, density, batch, "mask"),
                     "sparse": layer_train_step(out_f, in_f, density, batch, "sparse"),
+                    "auto": layer_train_step(out_f, in_f, density, batch, "auto"),
                 },
                 rounds,
                 block=3,
@@ -283,9 +285,10 @@ def bench_grid(
             auto_train = sparse_is_faster(out_f, in_f, nnz, batch, training=True)
             auto_infer = sparse_is_faster(out_f, in_f, nnz, batch, training=False)
             t_mask, t_sparse = train["mask"][1], train["sparse"][1]
-            i_sparse = infer["sparse"][1]
+            t_auto, i_sparse = train["auto"][1], infer["sparse"][1]
             print(
                 f"| {out_f}x{in_f} | {density:.0%} | {t_mask:.2f} | {t_sparse:.2f} "
+                f"| {t_auto:.2f} | {t_auto / t_mask:.2f} "
                 f"| {_choice(auto_train, t_sparse < t_mask)} | {i_sparse:.2f} "
                 f"| {_choice(auto_infer, i_sparse < 1)} |"
             )

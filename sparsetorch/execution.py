@@ -435,7 +435,8 @@ def set_execution(topology: Topology, execution: str) -> None:
     """Switch every masked ``nn.Linear`` of ``topology`` to ``execution``.
 
     ``"mask"`` restores the plain forward. Other masked layers (convolutions,
-    custom ``include=`` tensors) always compute in mask mode. Called by
+    custom ``include=`` tensors) always compute in mask mode, and so do, under
+    ``"auto"``, layers too small for any row of :data:`AUTO_RULES`. Called by
     ``sparsify(..., execution=...)`` and :meth:`Sparsifier.set_execution
     <sparsetorch.Sparsifier.set_execution>`.
 
@@ -462,6 +463,8 @@ def set_execution(topology: Topology, execution: str) -> None:
         current = module.__dict__.get("forward")
         if isinstance(current, SparseExecution):
             del module.__dict__["forward"]
+        if execution == "auto" and p.mask.numel() < min(r[2] for r in AUTO_RULES):
+            continue  # never sparse under AUTO_RULES: keep mask mode's plain call
         if execution != "mask":
             module.forward = SparseExecution(module, p, execution)  # type: ignore[method-assign]
 
