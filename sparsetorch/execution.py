@@ -148,7 +148,7 @@ def sparse_is_faster(
         return False
     for is_training, min_rows, min_numel, max_density in AUTO_RULES:
         if is_training == training and rows >= min_rows and numel >= min_numel:
-            return nnz <= max_density * numel
+            return nnz <= round(max_density * numel)  # as sparsify rounds counts
     return False
 
 
