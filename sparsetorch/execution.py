@@ -335,6 +335,7 @@ class SparseExecution:
         self._nnz_of: Tensor | None = None  # the mask _nnz was counted on
         self._nnz_version = -1
         self._nnz = 0
+        self._decisions: dict[tuple[int, bool, str], bool] = {}
 
     def __call__(self, input: Tensor) -> Tensor:
         module = self.module
@@ -361,6 +362,8 @@ class SparseExecution:
         return self.plan
 
     def _use_sparse(self, input: Tensor, weight: Tensor) -> bool:
+        if self.mode == "auto" and not self._auto(input, weight):
+            return False  # (decided first: the mask-mode path stays cheap)
         why = _unsupported(input, weight)
         if why is not None:
             if self.mode == "sparse" and not self._warned:
@@ -372,22 +375,28 @@ class SparseExecution:
                     stacklevel=3,
                 )
             return False
-        if self.mode == "sparse":
-            return True
-        out, inp = weight.shape
-        training = torch.is_grad_enabled() and weight.requires_grad
+        return True
+
+    def _auto(self, input: Tensor, weight: Tensor) -> bool:
+        """:func:`sparse_is_faster` for this call, cached per mask version."""
         mask = self.parametrization.mask
         if self._nnz_of is not mask or self._nnz_version != mask._version:
             self._nnz_of, self._nnz_version = mask, mask._version
             self._nnz = int(mask.sum())  # once per mask change, not per call
-        return sparse_is_faster(
-            out,
-            inp,
-            self._nnz,
-            input.numel() // max(inp, 1),
-            training=training,
-            device=weight.device,
-        )
+            self._decisions.clear()
+        out, inp = weight.shape
+        rows = input.numel() // max(inp, 1)
+        training = weight.requires_grad and torch.is_grad_enabled()
+        key = (rows, training, weight.device.type)
+        decision = self._decisions.get(key)
+        if decision is None:
+            if len(self._decisions) >= 256:  # many input shapes: start over
+                self._decisions.clear()
+            decision = sparse_is_faster(
+                out, inp, self._nnz, rows, training=training, device=key[2]
+            )
+            self._decisions[key] = decision
+        return decision
 
     def __repr__(self) -> str:
         return (
