@@ -260,11 +260,13 @@ class _SparseLinearFunction(torch.autograd.Function):
         bias: Tensor | None,
         plan: _Plan,
         owner: MaskParametrization,
+        buffer: _GradBuffer,
     ) -> Tensor:
         output, x, values = _sparse_linear(input, weight, bias, plan)
         ctx.save_for_backward(x, values)
         ctx.plan = plan  # type: ignore[attr-defined]
         ctx.owner = owner  # type: ignore[attr-defined]
+        ctx.buffer = buffer  # type: ignore[attr-defined]
         ctx.input_shape = input.shape  # type: ignore[attr-defined]
         return output
 
@@ -279,7 +281,9 @@ class _SparseLinearFunction(torch.autograd.Function):
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_input = torch.sparse.mm(plan.csr_t(values), g.t())  # (in, rows)
-            grad_input = grad_input.t().reshape(ctx.input_shape)
+            # Row-major like F.linear's: elementwise backward ops before this
+            # layer (ReLU's, say) take a slow path on mixed layouts.
+            grad_input = grad_input.t().contiguous().view(ctx.input_shape)
         if ctx.needs_input_grad[1]:
             if owner.capturing:
                 # RigL needs the dense gradient: compute it as mask mode does and
@@ -289,13 +293,48 @@ class _SparseLinearFunction(torch.autograd.Function):
                 active = torch.sparse.sampled_addmm(
                     plan.csr(values), g.t(), x, beta=0.0
                 ).values()  # (nnz,): (g.T @ x) at the active positions only
-                grad_weight = values.new_zeros(out * inp)
-                grad_weight = grad_weight.scatter_(0, plan.index, active)
-                grad_weight = grad_weight.view(out, inp)
+                flat = ctx.buffer.zeros(out * inp, values)
+                grad_weight = flat.scatter_(0, plan.index, active).view(out, inp)
                 owner.mark_grad_masked(grad_weight)
         if ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
-        return grad_input, grad_weight, grad_bias, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None
+
+
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+class _GradBuffer:
+    """The memory of one layer's dense weight gradient, reused across steps.
+
+    A fresh weight-sized gradient every step costs more than the sparse compute
+    at high sparsity: the allocator returns large blocks to the system, so each
+    new one is page-faulted in while it is zeroed. This keeps the block of the
+    previous step's gradient (through a 1-D alias, so that ``AccumulateGrad``
+    still takes the returned view as ``.grad`` without a copy) and zeroes it
+    again, but only once nobody else holds it: ``zero_grad()`` set ``.grad`` to
+    ``None`` and no other tensor shares the memory. Otherwise a new block is
+    allocated, so a gradient still in use is never overwritten.
+    """
+
+    def __init__(self) -> None:
+        self.flat: Tensor | None = None
+
+    def zeros(self, numel: int, like: Tensor) -> Tensor:
+        """A zeroed 1-D tensor of ``numel`` elements, ``like``'s dtype and device."""
+        flat = self.flat
+        if (
+            flat is not None
+            and _storage_use_count is not None
+            and flat.numel() == numel
+            and flat.dtype == like.dtype
+            and flat.device == like.device
+            # `flat` and the temporary storage object: nobody else.
+            and _storage_use_count(flat.untyped_storage()._cdata) == 2
+        ):
+            return flat.zero_()
+        self.flat = flat = like.new_zeros(numel)
+        return flat
 
 
 # -- switching a layer's forward -------------------------------------------------------
@@ -328,6 +367,7 @@ class SparseExecution:
         self.parametrization = parametrization
         self.mode = mode
         self.plan: _Plan | None = None
+        self.grad_buffer = _GradBuffer()
         self.rebuilds = 0
         self.sparse_calls = 0
         self.dense_calls = 0
@@ -352,7 +392,9 @@ class SparseExecution:
         if not (torch.is_grad_enabled() and _needs_grad(input, weight, module.bias)):
             return _sparse_linear(input, weight, module.bias, plan)[0]
         apply = cast(Callable[..., Tensor], _SparseLinearFunction.apply)
-        return apply(input, weight, module.bias, plan, self.parametrization)
+        return apply(
+            input, weight, module.bias, plan, self.parametrization, self.grad_buffer
+        )
 
     def _plan(self) -> _Plan:
         mask = self.parametrization.mask

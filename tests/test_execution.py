@@ -189,6 +189,34 @@ def test_grad_set_to_zero_instead_of_none_still_masked() -> None:
         torch.testing.assert_close(ms.state_dict()[key], value, **TOL)
 
 
+def test_gradient_memory_is_reused_only_when_nobody_holds_it() -> None:
+    runs = pair(policy="static")
+    model, optimizer, sparsifier = runs["sparse"]
+    param = sparsifier.topology.params["2.weight"]
+    (x, y), (x2, y2), (x3, y3) = data(steps=3)
+    step(model, optimizer, x, y)
+    first = param.grad
+    assert first is not None
+    kept, kept_values = first, first.clone()  # the user holds on to a gradient
+    step(model, optimizer, x2, y2)
+    assert param.grad is not None
+    assert param.grad.data_ptr() != kept.data_ptr()  # new memory: kept is intact
+    assert torch.equal(kept, kept_values)
+    del kept, first
+    second_ptr = param.grad.data_ptr()
+    step(model, optimizer, x3, y3)  # nobody holds the last one: reused
+    assert param.grad.data_ptr() == second_ptr
+    mask_model, mask_optimizer, _ = runs["mask"]
+    for xb, yb in ((x, y), (x2, y2), (x3, y3)):
+        step(mask_model, mask_optimizer, xb, yb)
+    check_invariants(sparsifier, optimizer)
+    for key, value in mask_model.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, **TOL)
+    torch.testing.assert_close(
+        param.grad, runs["mask"][2].topology.params["2.weight"].grad, **TOL
+    )
+
+
 def test_weight_used_elsewhere_gets_its_dense_gradient_masked() -> None:
     """A second, dense use of the stored weight adds an unmasked contribution."""
     model = nn.Sequential(nn.Linear(16, 16))
