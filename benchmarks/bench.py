@@ -14,9 +14,9 @@ Per workload and variant the table gives:
 
 * ``step ms``, ``step / dense``: an ordinary step, and its ratio to the dense
   step (median over rounds; the range is the rounds' interquartile range);
-* ``update / dense step``: one topology update (the update call alone, after a
-  backward pass that captured the dense gradient), in dense steps, each update
-  timed next to a dense step;
+* ``update / dense step``: one topology update (the update call alone, after an
+  ordinary step and a backward pass that captured the dense gradient), in dense
+  steps, each update timed next to a dense step;
 * ``state B/weight``: bytes of persistent state beyond the dense model and its
   optimizer (tensors reachable from the model, the optimizer and the variant's
   own objects, after a step), per masked weight;
@@ -45,11 +45,13 @@ import gc
 import importlib
 import importlib.metadata
 import itertools
+import json
 import math
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -441,22 +443,27 @@ def persistent_bytes(variant: Variant) -> int:
 
 
 def step_peak_bytes(fn: Callable[[], None]) -> int:
-    """Peak of the bytes ``fn`` allocates, from the profiler's allocation events.
+    """Peak of the bytes that ``fn`` allocates and still holds, at any moment.
 
-    Each event's own allocations (its total less its children's) are placed at
-    its start; the running sum's maximum is the peak.
+    From the allocator's events in the profiler's trace (each allocation and
+    free, in time order); memory allocated before ``fn`` and freed by it is not
+    credited, alike for every variant.
     """
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = []
-    for e in prof.events():
-        own = e.cpu_memory_usage - sum(c.cpu_memory_usage for c in e.cpu_children)
-        if own:
-            events.append((e.time_range.start, own))
-    events.sort()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
+    events = sorted(
+        (e["ts"], e["args"]["Bytes"])
+        for e in trace["traceEvents"]
+        if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0
+    )
     current = peak = 0
-    for _, own in events:
-        current += own
+    for _, nbytes in events:
+        current += nbytes
         peak = max(peak, current)
     return peak
 
@@ -490,7 +497,7 @@ def _timed(fn: Callable[[], None]) -> float:
 
 def run_workload(
     workload: Workload, variants: list[type[Variant]], rounds: int, updates: int
-) -> list[Result]:
+) -> tuple[list[Result], list[str]]:
     torch.manual_seed(0)
     base = workload.build()
     generator = torch.Generator().manual_seed(1)
@@ -555,6 +562,16 @@ def run_workload(
         res = results[variant.name]
         res.step_ms = statistics.median(times[variant.name]) * 1e3
         res.ratio, res.ratio_lo, res.ratio_hi = _quartiles(ratios[variant.name])
+    # Two variants against each other, round by round (each against its dense).
+    notes = []
+    for a, b in (
+        ("sparsetorch+compile", "sparsetorch"),
+        ("sparsetorch+compile", "dense+compile"),
+    ):
+        if a in ratios and b in ratios:
+            per_round = [x / y for x, y in zip(ratios[a], ratios[b], strict=True)]
+            mid, lo, hi = _quartiles(per_round)
+            notes.append(f"step {a} / {b}: {mid:.3f} (IQR {lo:.3f}-{hi:.3f})")
 
     # Topology updates, each timed next to a dense step.
     for variant in built:
@@ -568,6 +585,9 @@ def run_workload(
         update_ratios, update_times = [], []
         for _ in range(updates):
             d = _timed(lambda: dense.step(x, y))
+            # An ordinary step first, as in training (updates are steps apart):
+            # the weights just grown move off their initial zeros.
+            variant.step(x, y)
             variant.prepare_update(x, y)
             u = _timed(variant.update)
             update_ratios.append(u / d)
@@ -575,7 +595,8 @@ def run_workload(
         res = results[variant.name]
         res.update_ms = statistics.median(update_times) * 1e3
         res.update_ratio = statistics.median(update_ratios)
-    return [results["dense"], *(results[c.name] for c in variants if c.name in results)]
+    rows = [results["dense"], *(results[c.name] for c in variants if c.name in results)]
+    return rows, notes
 
 
 # -- report ------------------------------------------------------------------------
@@ -649,8 +670,10 @@ def main(argv: list[str] | None = None) -> None:
     for workload in workloads(args.quick):
         if args.workloads and workload.name not in args.workloads:
             continue
-        results = run_workload(workload, variants, rounds, updates)
+        results, notes = run_workload(workload, variants, rounds, updates)
         print("\n" + table(workload, results), flush=True)
+        for note in notes:
+            print(f"\n{note}", flush=True)
     print(
         f"\n# load average at end: {_load()}; "
         f"wall time {time.perf_counter() - start:.0f} s",

@@ -22,8 +22,17 @@ import torch
 from torch import Tensor, nn
 
 import sparsetorch as st
+import sparsetorch.policies.base as policies_base
 from sparsetorch.policies import RigL, update_mask
 from sparsetorch.policies.base import _SAMPLE, _SPREAD, _top
+
+
+@pytest.fixture(params=["numpy", "torch"])
+def selection(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on the CPU fast path (numpy) and on the torch path (GPUs)."""
+    if request.param == "torch":
+        monkeypatch.setattr(policies_base, "_np", None)
+    return str(request.param)
 
 
 def _tensors(roots: list[object]) -> Iterator[Tensor]:
@@ -164,7 +173,7 @@ def reference_update(w: Tensor, m: Tensor, g: Tensor, n_drop: int) -> Tensor:
     ],
 )
 def test_update_picks_exactly_the_reference_sets(
-    shape: tuple[int, ...], density: float, n_drop: int
+    shape: tuple[int, ...], density: float, n_drop: int, selection: str
 ) -> None:
     g = torch.Generator().manual_seed(7)
     n = torch.Size(shape).numel()
@@ -181,7 +190,7 @@ def test_update_picks_exactly_the_reference_sets(
     assert torch.equal(same, new)
 
 
-def test_narrowed_top_k_falls_back_when_the_sample_misleads() -> None:
+def test_narrowed_top_k_falls_back_when_the_sample_misleads(selection: str) -> None:
     n, k = 1 << 17, 3000
     scores = torch.rand(n, generator=torch.Generator().manual_seed(0))
     sampled = torch.arange(_SAMPLE).mul_(_SPREAD).remainder_(n)
@@ -192,7 +201,7 @@ def test_narrowed_top_k_falls_back_when_the_sample_misleads() -> None:
     assert set(chosen.tolist()) == set(expected.tolist())
 
 
-def test_ties_at_the_cut_are_drawn_by_the_generator() -> None:
+def test_ties_at_the_cut_are_drawn_by_the_generator(selection: str) -> None:
     n, k = 1 << 17, 1000
     scores = torch.zeros(n)
     scores[:300] = 2.0  # always chosen
@@ -209,7 +218,7 @@ def test_ties_at_the_cut_are_drawn_by_the_generator() -> None:
     assert picks[0] != picks[2]
 
 
-def test_grow_scores_that_alias_the_gradient_are_left_alone() -> None:
+def test_grow_scores_that_alias_the_gradient_are_left_alone(selection: str) -> None:
     class GradItself(RigL):
         def grow_score(
             self,
@@ -255,3 +264,17 @@ def test_update_resets_adam_state_outside_the_kept_positions_only() -> None:
         assert not torch.equal(value[kept], state[key][kept])  # it stepped first
     assert torch.count_nonzero(param[grown]) == 0
     assert torch.count_nonzero(param[~new]) == 0
+
+
+@pytest.mark.parametrize("n", [5000, 1 << 17])
+def test_numpy_and_torch_paths_choose_the_same_ties(
+    n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 50, (n,), generator=g).float()  # ties everywhere
+    k = n // 10
+    fast = _top(scores, k, torch.Generator().manual_seed(5))
+    monkeypatch.setattr(policies_base, "_np", None)
+    plain = _top(scores, k, torch.Generator().manual_seed(5))
+    assert fast.numel() == plain.numel() == k
+    assert torch.equal(fast.sort().values, plain.sort().values)
