@@ -278,9 +278,10 @@ class _SparseLinearFunction(torch.autograd.Function):
         owner: MaskParametrization = ctx.owner
         out, inp = plan.shape
         g = grad_output.reshape(-1, out)  # (rows, out)
+        g_t = g.t().contiguous()  # (out, rows): what both sparse kernels read
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_input = torch.sparse.mm(plan.csr_t(values), g.t())  # (in, rows)
+            grad_input = torch.sparse.mm(plan.csr_t(values), g_t)  # (in, rows)
             # Row-major like F.linear's: elementwise backward ops before this
             # layer (ReLU's, say) take a slow path on mixed layouts.
             grad_input = grad_input.t().contiguous().view(ctx.input_shape)
@@ -291,7 +292,7 @@ class _SparseLinearFunction(torch.autograd.Function):
                 grad_weight = g.t().mm(x)  # (out, in)
             else:
                 active = torch.sparse.sampled_addmm(
-                    plan.csr(values), g.t(), x, beta=0.0
+                    plan.csr(values), g_t, x, beta=0.0
                 ).values()  # (nnz,): (g.T @ x) at the active positions only
                 flat = ctx.buffer.zeros(out * inp, values)
                 grad_weight = flat.scatter_(0, plan.index, active).view(out, inp)
