@@ -12,6 +12,8 @@ Three measurements (``docs/sparse_execution.md`` shows their tables):
 * ``infer``: the same model at 95% and 98% sparsity, exported with
   ``export_sparse`` (every layer sparse) against the dense model, under
   ``torch.inference_mode()``, at batch 1 and 128.
+* ``memory``: the persistent state sparse mode adds to the 98% model: the
+  compressed structure and the gradient buffer kept between steps.
 * ``grid``: one layer of each size and density (1%, 2%, 5%, 10%, 20%) at
   ``--batch`` rows (128): a training step (forward, backward with an input
   gradient, SGD step) in mask, sparse and auto mode, and an inference forward
@@ -46,7 +48,12 @@ import torch
 from torch import nn
 
 import sparsetorch as st
-from sparsetorch.execution import SparseLinear, export_sparse, sparse_is_faster
+from sparsetorch.execution import (
+    SparseExecution,
+    SparseLinear,
+    export_sparse,
+    sparse_is_faster,
+)
 
 UPDATE_INTERVAL = 25
 DENSITIES = (0.01, 0.02, 0.05, 0.10, 0.20)
@@ -200,6 +207,54 @@ def bench_infer(
             )
 
 
+def bench_memory(width: int, depth: int, sparsity: float) -> None:
+    """Persistent state sparse mode adds, after two training steps."""
+    model = mlp(width, depth)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    st.sparsify(
+        model,
+        optimizer,
+        policy="static",
+        sparsity=sparsity,
+        distribution="uniform",
+        execution="sparse",
+    )
+    x = torch.randn(128, width)
+    for _ in range(2):
+        train_step(model, optimizer, x)()
+    plan_bytes = buffer_bytes = active = numel = 0
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if isinstance(forward, SparseExecution) and forward.plan is not None:
+            plan = forward.plan
+            plan_bytes += (
+                sum(
+                    t.numel() * t.element_size()
+                    for t in (plan.index, plan.crow, plan.col, plan.perm, plan.crow_t)
+                )
+                + plan.col_t.numel() * plan.col_t.element_size()
+            )
+            flat = forward.grad_buffer.flat
+            buffer_bytes += 0 if flat is None else flat.numel() * flat.element_size()
+            active += plan.nnz
+            numel += plan.shape[0] * plan.shape[1]
+    print(
+        f"\n### Memory: {depth} x Linear({width}, {width}) at {sparsity:.0%} "
+        "sparsity, execution='sparse'\n"
+    )
+    print("| state | bytes | per active weight | per weight |")
+    print("|---|---:|---:|---:|")
+    print(
+        f"| compressed structure | {plan_bytes} | {plan_bytes / active:.1f} "
+        f"| {plan_bytes / numel:.2f} |"
+    )
+    print(
+        f"| gradient buffer kept between steps | {buffer_bytes} "
+        f"| {buffer_bytes / active:.1f} | {buffer_bytes / numel:.2f} |"
+    )
+    print(f"| (the masks, for scale) | {numel} | {numel / active:.1f} | 1.00 |")
+
+
 def layer_train_step(
     out_f: int, in_f: int, density: float | None, batch: int, execution: str
 ) -> Callable[[], None]:
@@ -302,7 +357,10 @@ def _choice(auto_sparse: bool, sparse_won: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "what", nargs="*", default=["train", "infer", "grid"], help="train infer grid"
+        "what",
+        nargs="*",
+        default=["train", "infer", "grid", "memory"],
+        help="train infer grid memory",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=15)
@@ -334,10 +392,14 @@ def main() -> None:
             bench_train(width, 4, args.batch, 0.98, rounds)
         elif what == "infer":
             bench_infer(width, 4, (0.95, 0.98), rounds)
+        elif what == "memory":
+            bench_memory(width, 4, 0.98)
         elif what == "grid":
             bench_grid(sizes, densities, args.batch, rounds)
         else:
-            parser.error(f"unknown measurement {what!r}: pick train, infer, grid")
+            parser.error(
+                f"unknown measurement {what!r}: pick train, infer, grid, memory"
+            )
 
 
 if __name__ == "__main__":
