@@ -177,5 +177,42 @@ class RigLTorchPeer:
         return out
 
     def summary(self) -> str:
-        """rigl-torch's own description of the scheduler state."""
-        return str(self.scheduler)
+        """Per-tensor table of the masks: shape, sparsity, active count.
+
+        (rigl-torch's own ``str()`` divides by zero on a model without conv
+        layers, so the adapter formats the table itself.)
+        """
+        masks = self.masks
+        rows = [("tensor", "shape", "sparsity", "active", "numel")]
+        total_active = total = 0
+        for name, weight, _index in self._named:
+            mask = masks.get(name)
+            active = weight.numel() if mask is None else int(mask.sum())
+            total_active += active
+            total += weight.numel()
+            rows.append(
+                (
+                    name,
+                    str(tuple(weight.shape)),
+                    f"{1 - active / weight.numel():.4f}",
+                    str(active),
+                    str(weight.numel()),
+                )
+            )
+        rows.append(
+            (
+                "total",
+                "",
+                f"{1 - total_active / max(1, total):.4f}",
+                str(total_active),
+                str(total),
+            )
+        )
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        return "\n".join(
+            "  ".join(
+                cell.rjust(w) if i >= 2 else cell.ljust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+            for row in rows
+        )

@@ -54,8 +54,9 @@ DEFAULT_POLICIES = ("dense", "static", "set", "rigl")
 DEFAULT_SPARSITIES = (0.9, 0.98)
 DEFAULT_DISTRIBUTIONS = ("erk", "uniform")
 # The default sweep's budget: 13 configurations x 3 seeds in about 10 minutes.
-DEFAULT_EPOCHS = 8
-QUICK_TRAIN, QUICK_TEST = 12_000, 2_000
+DEFAULT_EPOCHS = 12
+# --quick: one seed, a slice of the data, and updates often enough to happen
+QUICK_TRAIN, QUICK_TEST, QUICK_EPOCHS, QUICK_INTERVAL = 12_000, 2_000, 2, 25
 PROG = "fashion_mnist.py"
 
 
@@ -135,8 +136,8 @@ class Recipe:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.5
-    update_interval: int = 50
-    drop_fraction: float = 0.3
+    update_interval: int = 200
+    drop_fraction: float = 0.5
     end_fraction: float = 0.75
     sparse_init: str = "scaled"
 
@@ -560,15 +561,28 @@ def aggregate(results: Iterable[RunResult]) -> list[Row]:
     return list(rows.values())
 
 
-def format_table(rows: Sequence[Row], *, markdown: bool = False) -> str:
-    """Renders the results table as aligned text or as Markdown."""
+def format_table(
+    rows: Sequence[Row], *, markdown: bool = False, evaluated_on: str = "test"
+) -> str:
+    """Renders the results table as aligned text or as Markdown.
+
+    Args:
+        rows: the aggregated configurations.
+        markdown: Markdown table instead of aligned plain text.
+        evaluated_on: what the accuracy was measured on, for the header.
+
+    Returns:
+        The table, one line per row.
+    """
+    dense = {r.model: r.mean for r in rows if r.policy == "dense"}
     header = [
         "model",
         "policy",
         "distribution",
         "target sparsity",
         "overall sparsity",
-        "test acc % (mean ± std)",
+        f"{evaluated_on.split()[0]} acc % (mean ± std)",
+        "vs dense",
         "seeds",
         "s/run",
     ]
@@ -580,6 +594,9 @@ def format_table(rows: Sequence[Row], *, markdown: bool = False) -> str:
             f"{r.target_sparsity:.2f}",
             f"{r.overall_sparsity:.4f}",
             f"{100 * r.mean:.2f} ± {100 * r.std:.2f}",
+            f"{100 * (r.mean - dense[r.model]):+.2f}"
+            if r.model in dense and r.policy != "dense"
+            else "",
             str(len(r.accuracies)),
             f"{r.wall_s:.1f}",
         ]
@@ -721,7 +738,9 @@ def write_outputs(
             results,
             rows,
             meta,
-            table=format_table(rows, markdown=True),
+            table=format_table(
+                rows, markdown=True, evaluated_on=meta.get("evaluated_on", "test")
+            ),
             checks=acceptance_checks(rows),
             pictures=[os.path.relpath(p, report.parent) for p in pictures],
             json_path=os.path.relpath(out_dir / "results.json", report.parent),
@@ -796,7 +815,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "rigl-torch's 'uniform', which keeps the first layer dense"
         ),
     )
-    parser.add_argument("--epochs", type=int, default=None, help="default: 8")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help=f"default: {DEFAULT_EPOCHS}"
+    )
     parser.add_argument("--seed", type=int, default=0, help="first seed")
     parser.add_argument(
         "--seeds", type=int, default=None, help="number of seeds (default: 3)"
@@ -821,7 +842,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"smoke test: 1 seed, 1 epoch, {QUICK_TRAIN} train / {QUICK_TEST} test",
+        help=(
+            f"smoke test: 1 seed, {QUICK_EPOCHS} epochs on {QUICK_TRAIN} train / "
+            f"{QUICK_TEST} test examples, update interval {QUICK_INTERVAL}"
+        ),
     )
     parser.add_argument(
         "--peer",
@@ -840,7 +864,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--update-interval", type=int, default=defaults.update_interval)
+    parser.add_argument(
+        "--update-interval",
+        type=int,
+        default=None,
+        help=f"steps between topology updates (default: {defaults.update_interval})",
+    )
     parser.add_argument("--drop-fraction", type=float, default=defaults.drop_fraction)
     parser.add_argument(
         "--end-fraction",
@@ -904,7 +933,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         loaded = [result_from_json(r) for r in meta.pop("runs")]
         meta.pop("rows", None)
         pictures = write_outputs(loaded, meta, out_dir, report, plots=not args.no_plots)
-        print(format_table(aggregate(loaded)))
+        print(format_table(aggregate(loaded), evaluated_on=meta["evaluated_on"]))
         print(f"wrote {out_dir / 'results.json'}, {report}, {len(pictures)} plots")
         return 0
 
@@ -912,7 +941,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.peer and "rigl-torch" not in policies:
         policies.append("rigl-torch")
     seeds = range(args.seed, args.seed + (args.seeds or (1 if args.quick else 3)))
-    epochs = args.epochs or (1 if args.quick else DEFAULT_EPOCHS)
+    epochs = args.epochs or (QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS)
+    interval = args.update_interval or (
+        QUICK_INTERVAL if args.quick else Recipe(epochs=1).update_interval
+    )
     sparsities = args.sparsity or DEFAULT_SPARSITIES
     grid = build_grid(
         args.model,
@@ -945,7 +977,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         weight_decay=args.weight_decay,
-        update_interval=args.update_interval,
+        update_interval=interval,
         drop_fraction=args.drop_fraction,
         end_fraction=args.end_fraction,
         sparse_init=args.sparse_init,
@@ -982,7 +1014,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     rows = aggregate(results)
     print()
-    print(format_table(rows))
+    print(format_table(rows, evaluated_on=evaluation))
     checks = acceptance_checks(rows)
     if checks:
         print()
