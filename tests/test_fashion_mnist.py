@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import http.server
 import importlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -306,3 +307,60 @@ def test_download_checks_the_published_md5(
     assert fmd.read_idx(cache / "t10k-labels-idx1-ubyte.gz", "test_labels").shape == (
         10000,
     )
+
+
+def test_peer_without_rigl_torch_says_how_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    peer = importlib.import_module("_rigl_torch_peer")
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(peer.importlib.metadata, "version", not_installed)
+    with pytest.raises(peer.PeerUnavailableError) as info:
+        peer._import_rigl_scheduler()
+    assert_expected_inline(
+        str(info.value),
+        """the rigl-torch peer is not installed: run `pip install rigl-torch==0.5.2 --no-deps`""",
+    )
+
+
+def test_torchvision_stub_stays_private() -> None:
+    peer = importlib.import_module("_rigl_torch_peer")
+    stub = peer._torchvision_stub()
+    resnet = stub["torchvision.models.resnet"]
+    assert stub["torchvision"].models.resnet is resnet
+    assert issubclass(resnet.Bottleneck, torch.nn.Module)
+    assert not isinstance(torch.nn.Linear(2, 2), (resnet.Bottleneck, resnet.BasicBlock))
+
+
+def test_rigl_torch_import_sees_the_stub_and_leaks_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a stand-in rigl-torch 0.5.2 whose RigL module needs torchvision, as the real one
+    package = tmp_path / "rigl_torch"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "RigL.py").write_text(
+        "import torchvision\nRigLScheduler = torchvision.models.resnet.Bottleneck\n"
+    )
+    meta = tmp_path / "rigl_torch-0.5.2.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: rigl-torch\nVersion: 0.5.2\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("rigl_torch", "rigl_torch.RigL", "torchvision"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    peer = importlib.import_module("_rigl_torch_peer")
+    try:
+        scheduler = peer._import_rigl_scheduler()
+        assert scheduler.__name__ == "Bottleneck"  # resolved through the stub
+        assert "torchvision" not in sys.modules  # and the stub is gone again
+        assert "torchvision.models.resnet" not in sys.modules
+    finally:  # forget the stand-in so no later import finds it
+        for name in ("rigl_torch.RigL", "rigl_torch"):
+            module = sys.modules.get(name)
+            if module is not None and str(tmp_path) in str(module.__file__):
+                del sys.modules[name]
