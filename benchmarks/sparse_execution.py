@@ -14,6 +14,8 @@ Three measurements (``docs/sparse_execution.md`` shows their tables):
   ``torch.inference_mode()``, at batch 1 and 128.
 * ``memory``: the persistent state sparse mode adds to the 98% model: the
   compressed structure and the gradient buffer kept between steps.
+* ``profile``: where the time of a 98%-sparse training step goes (self CPU
+  time per op, ``torch.profiler``), dense against sparse.
 * ``grid``: one layer of each size and density (1%, 2%, 5%, 10%, 20%) at
   ``--batch`` rows (128): a training step (forward, backward with an input
   gradient, SGD step) in mask, sparse and auto mode, and an inference forward
@@ -255,6 +257,55 @@ def bench_memory(width: int, depth: int, sparsity: float) -> None:
     print(f"| (the masks, for scale) | {numel} | {numel / active:.1f} | 1.00 |")
 
 
+def bench_profile(width: int, depth: int, batch: int, sparsity: float) -> None:
+    """Where a training step's time goes, dense against sparse (torch.profiler)."""
+    from torch.profiler import profile
+
+    x = torch.randn(batch, width, generator=torch.Generator().manual_seed(1))
+    per_step: dict[str, dict[str, float]] = {}
+    steps = 5
+    for variant in ("dense", "sparse"):
+        model = mlp(width, depth)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        if variant == "sparse":
+            st.sparsify(
+                model,
+                optimizer,
+                policy="static",
+                sparsity=sparsity,
+                distribution="uniform",
+                execution="sparse",
+            )
+        step = train_step(model, optimizer, x)
+        for _ in range(3):
+            step()
+        with profile() as prof:
+            for _ in range(steps):
+                step()
+        per_step[variant] = {
+            e.key: e.self_cpu_time_total / steps / 1e3 for e in prof.key_averages()
+        }
+    print(
+        f"\n### Profile of a training step: {depth} x Linear({width}, {width}), "
+        f"batch {batch}, {sparsity:.0%} sparsity (self CPU ms per step)\n"
+    )
+    print("| op | dense | sparse |")
+    print("|---|---:|---:|")
+    keys = sorted(
+        set(per_step["dense"]) | set(per_step["sparse"]),
+        key=lambda k: -max(per_step["dense"].get(k, 0), per_step["sparse"].get(k, 0)),
+    )
+    for key in keys[:14]:
+        print(
+            f"| {key} | {per_step['dense'].get(key, 0):.1f} "
+            f"| {per_step['sparse'].get(key, 0):.1f} |"
+        )
+    print(
+        f"| total | {sum(per_step['dense'].values()):.1f} "
+        f"| {sum(per_step['sparse'].values()):.1f} |"
+    )
+
+
 def layer_train_step(
     out_f: int, in_f: int, density: float | None, batch: int, execution: str
 ) -> Callable[[], None]:
@@ -360,7 +411,7 @@ def main() -> None:
         "what",
         nargs="*",
         default=["train", "infer", "grid", "memory"],
-        help="train infer grid memory",
+        help="train infer grid memory profile (profile is not in the default)",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=15)
@@ -392,13 +443,16 @@ def main() -> None:
             bench_train(width, 4, args.batch, 0.98, rounds)
         elif what == "infer":
             bench_infer(width, 4, (0.95, 0.98), rounds)
+        elif what == "profile":
+            bench_profile(width, 4, args.batch, 0.98)
         elif what == "memory":
             bench_memory(width, 4, 0.98)
         elif what == "grid":
             bench_grid(sizes, densities, args.batch, rounds)
         else:
             parser.error(
-                f"unknown measurement {what!r}: pick train, infer, grid, memory"
+                f"unknown measurement {what!r}: pick train, infer, grid, memory, "
+                "profile"
             )
 
 

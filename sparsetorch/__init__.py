@@ -16,6 +16,7 @@ from sparsetorch.api import sparsify
 # The pieces
 from sparsetorch.compat import RigLScheduler
 from sparsetorch.distributions import DISTRIBUTIONS, allocate
+from sparsetorch.execution import export_sparse
 from sparsetorch.parametrization import MaskParametrization
 from sparsetorch.policies import SET, Policy, RigL, Static, register_policy
 from sparsetorch.schedule import Schedule
@@ -34,6 +35,7 @@ __all__ = [
     "Static",
     "Topology",
     "allocate",
+    "export_sparse",
     "register_policy",
     "select_tensors",
     "sparsify",
