@@ -22,8 +22,8 @@ changed (an update, ``sparsifier.load_state_dict``, a device move): it is keyed
 on the mask tensor and its version counter, which every in-place write bumps.
 
 ``"auto"`` runs a layer sparse only for the calls where :func:`sparse_is_faster`
-predicts a win from its shape, density and batch (a cost model fitted to
-measurements, ``benchmarks/sparse_execution.py``); otherwise it computes exactly
+predicts a win from its shape, density and batch (:data:`AUTO_RULES`, crossovers
+measured with ``benchmarks/sparse_execution.py``); otherwise it computes exactly
 as in mask mode. :func:`export_sparse` makes an inference copy of a model whose
 sparse layers hold only compressed weights. See ``docs/sparse_execution.md``.
 """
@@ -195,10 +195,10 @@ class _Plan:
         )
 
 
-@torch.no_grad()
-def _build_plan(mask: Tensor) -> _Plan:
+@functools.cache
+def _silence_beta_warning() -> None:
+    """Make PyTorch's once-per-process "CSR tensors are in beta" warning now."""
     with warnings.catch_warnings():
-        # PyTorch warns once per process that CSR tensors are in beta.
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support")
         torch.sparse_csr_tensor(
             torch.zeros(2, dtype=torch.int64),
@@ -207,11 +207,15 @@ def _build_plan(mask: Tensor) -> _Plan:
             (1, 1),
             check_invariants=False,
         )
+
+
+@torch.no_grad()
+def _build_plan(mask: Tensor) -> _Plan:
+    _silence_beta_warning()
     out, inp = mask.shape
     index = mask.flatten().nonzero().flatten()  # row-major: CSR order
     rows, cols = index.div(inp, rounding_mode="floor"), index.remainder(inp)
-    itype = torch.int32 if max(mask.numel(), index.numel() + 1) < 2**31 else None
-    itype = itype or torch.int64
+    itype = torch.int32 if mask.numel() < 2**31 else torch.int64  # (fewer copies)
     crow = torch.zeros(out + 1, dtype=itype, device=mask.device)
     crow[1:] = torch.bincount(rows, minlength=out).cumsum(0)
     index_t = mask.t().flatten().nonzero().flatten()  # = c * out + r, (c, r) order
