@@ -298,8 +298,8 @@ class _SparseLinearFunction(torch.autograd.Function):
                 active = torch.sparse.sampled_addmm(
                     plan.csr(values), g_t, x, beta=0.0
                 ).values()  # (nnz,): (g.T @ x) at the active positions only
-                flat = ctx.buffer.zeros(out * inp, values)
-                grad_weight = flat.scatter_(0, plan.index, active).view(out, inp)
+                flat = ctx.buffer.scatter(out * inp, plan.index, active)
+                grad_weight = flat.view(out, inp)
                 owner.mark_grad_masked(grad_weight)
         if ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
@@ -314,31 +314,46 @@ class _GradBuffer:
 
     A fresh weight-sized gradient every step costs more than the sparse compute
     at high sparsity: the allocator returns large blocks to the system, so each
-    new one is page-faulted in while it is zeroed. This keeps the block of the
-    previous step's gradient (through a 1-D alias, so that ``AccumulateGrad``
-    still takes the returned view as ``.grad`` without a copy) and zeroes it
-    again, but only once nobody else holds it: ``zero_grad()`` set ``.grad`` to
-    ``None`` and no other tensor shares the memory. Otherwise a new block is
-    allocated, so a gradient still in use is never overwritten.
+    new one is page-faulted in and zeroed. This keeps the block of the previous
+    step's gradient (through a 1-D alias, so that ``AccumulateGrad`` still takes
+    the returned view as ``.grad`` without a copy) and reuses it, but only once
+    nobody else holds it: ``zero_grad()`` set ``.grad`` to ``None`` and no other
+    tensor shares the memory. Otherwise a new block is allocated, so a gradient
+    still in use is never overwritten.
+
+    A reused block holds the last gradient: zeros except at the positions last
+    written. If nothing wrote to it since (its version counter, shared with the
+    ``.grad`` view, is unchanged), only those positions are cleared, and not even
+    those when the next gradient goes to the same positions (no update since);
+    after any other in-place write it is zeroed whole.
     """
 
     def __init__(self) -> None:
         self.flat: Tensor | None = None
+        self._written: Tensor | None = None  # positions of the last scatter
+        self._version = -1  # flat._version right after it
 
-    def zeros(self, numel: int, like: Tensor) -> Tensor:
-        """A zeroed 1-D tensor of ``numel`` elements, ``like``'s dtype and device."""
+    def scatter(self, numel: int, index: Tensor, values: Tensor) -> Tensor:
+        """A 1-D tensor of ``numel`` zeros with ``values`` at ``index``."""
         flat = self.flat
         if (
             flat is not None
             and _storage_use_count is not None
             and flat.numel() == numel
-            and flat.dtype == like.dtype
-            and flat.device == like.device
+            and flat.dtype == values.dtype
+            and flat.device == values.device
             # `flat` and the temporary storage object: nobody else.
             and _storage_use_count(flat.untyped_storage()._cdata) == 2
         ):
-            return flat.zero_()
-        self.flat = flat = like.new_zeros(numel)
+            if flat._version != self._version or self._written is None:
+                flat.zero_()
+            elif self._written is not index:
+                flat.index_fill_(0, self._written, 0)
+            # else: `index` holds the only nonzeros, which are overwritten
+        else:
+            self.flat = flat = values.new_zeros(numel)
+        flat.scatter_(0, index, values)
+        self._written, self._version = index, flat._version
         return flat
 
 

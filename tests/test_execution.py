@@ -217,6 +217,22 @@ def test_gradient_memory_is_reused_only_when_nobody_holds_it() -> None:
     )
 
 
+def test_a_write_into_the_gradient_after_a_step_does_not_leak_into_the_next() -> None:
+    runs = pair(policy="static")
+    for x, y in data(steps=3):
+        for model, optimizer, sparsifier in runs.values():
+            step(model, optimizer, x, y)
+            check_invariants(sparsifier, optimizer)
+            for param in sparsifier.topology.params.values():
+                assert param.grad is not None
+                param.grad.add_(1.0)  # dense: outside the masks too
+    (mm, _, sm), (ms, _, ss) = runs["mask"], runs["sparse"]
+    for key, value in mm.state_dict().items():
+        torch.testing.assert_close(ms.state_dict()[key], value, **TOL)
+    for fqn, param in ss.topology.params.items():  # the last step's, plus 1
+        torch.testing.assert_close(param.grad, sm.topology.params[fqn].grad, **TOL)
+
+
 def test_weight_used_elsewhere_gets_its_dense_gradient_masked() -> None:
     """A second, dense use of the stored weight adds an unmasked contribution."""
     model = nn.Sequential(nn.Linear(16, 16))
