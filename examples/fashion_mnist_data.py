@@ -284,11 +284,12 @@ def resolve_data_dir(
         directory = Path(given).expanduser()
         missing = _missing(directory)
         if missing:
-            state = (
-                "does not exist"
-                if not directory.is_dir()
-                else "lacks " + ", ".join(missing)
-            )
+            if directory.is_dir():
+                state = "lacks " + ", ".join(missing)
+            elif directory.exists():
+                state = "is not a directory"
+            else:
+                state = "does not exist"
             raise DataNotFoundError(
                 f"{what} {str(given)!r} {state}: pass a directory holding "
                 f"{', '.join(FILE_NAMES)}, or {drop} to use {DEBIAN_DIR} "

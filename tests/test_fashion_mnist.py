@@ -120,6 +120,27 @@ def test_quick_run_on_real_data(tmp_path: Path) -> None:
         assert (tmp_path / "out" / f"{name}.png").stat().st_size > 0
 
 
+def test_quick_cnn_run(tmp_path: Path) -> None:
+    proc = _run(
+        tmp_path,
+        *("--quick", "--model", "cnn", "--policy", "dense", "rigl"),
+        *("--sparsity", "0.9", "--distribution", "erk", "uniform"),
+        *("--train-subset", "4096", "--no-plots", "--no-progress", "--out", "out"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads((tmp_path / "out" / "results.json").read_text())
+    for row in payload["rows"]:
+        assert row["mean"] > 0.5, row  # chance is 0.10
+    erk = next(r for r in payload["runs"] if r["spec"]["distribution"] == "erk")
+    assert set(erk["layer_density"]) == {
+        "conv1.weight",
+        "conv2.weight",
+        "fc1.weight",
+        "fc2.weight",
+    }
+    assert abs(erk["overall_sparsity"] - 0.9) < 1e-3
+
+
 def test_unknown_policy_is_a_one_line_error(tmp_path: Path) -> None:
     line = _one_line_error(_run(tmp_path, "--policy", "magnitude"))
     assert_expected_inline(
