@@ -297,6 +297,7 @@ def render_markdown(
         "",
         f"- Command: `{meta.get('command', '?')}`",
         f"- Machine: {meta.get('machine', '?')}",
+        f"- sparsetorch: {meta.get('sparsetorch', 'version not recorded')}",
         f"- Wall time: {meta.get('wall_time_s', 0) / 60:.1f} min for "
         f"{len(results)} runs ({meta.get('date', '')})",
         f"- Data: {meta.get('n_train', '?')} training examples, evaluated on "

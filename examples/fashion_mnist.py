@@ -33,6 +33,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -1047,6 +1048,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     meta = {
         "command": "python " + shlex.join([_shown_path(), *(argv or sys.argv[1:])]),
         "machine": machine_description(),
+        "sparsetorch": _source_version(),
         "wall_time_s": round(wall, 1),
         "evaluated_on": evaluation,
         "n_train": data.train_x.shape[0],
@@ -1060,6 +1062,27 @@ def run(argv: Sequence[str] | None = None) -> int:
         + (f" and {len(pictures)} plots" if pictures else "")
     )
     return 0
+
+
+def _source_version() -> str:
+    """sparsetorch's version and, in a git checkout, its commit."""
+    try:
+        st = _import_sparsetorch()
+        version = str(getattr(st, "__version__", "?"))
+    except UsageError:
+        version = "not installed"
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return version
+    return f"{version} (git {commit})"
 
 
 def _shown_path() -> str:
