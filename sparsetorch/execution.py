@@ -69,6 +69,11 @@ def check_execution(execution: object) -> str:
     Raises:
         TypeError: ``execution`` is not a string.
         ValueError: ``execution`` is not one of :data:`EXECUTIONS`.
+
+    Example::
+
+        >>> check_execution("auto")
+        'auto'
     """
     if not isinstance(execution, str):
         raise TypeError(
@@ -374,6 +379,15 @@ class SparseExecution:
         parametrization: its :class:`~sparsetorch.MaskParametrization`.
         mode: ``"sparse"`` (always, where supported) or ``"auto"`` (where
             :func:`sparse_is_faster` predicts a win).
+
+    Example::
+
+        >>> import sparsetorch as st
+        >>> model = nn.Sequential(nn.Linear(8, 8))
+        >>> _ = st.sparsify(model, policy="static", sparsity=0.5, execution="sparse")
+        >>> _ = model(torch.randn(2, 8))
+        >>> model[0].forward
+        SparseExecution(mode='sparse', sparse_calls=1, dense_calls=0, rebuilds=1)
     """
 
     def __init__(
@@ -545,6 +559,14 @@ def executions(topology: Topology) -> dict[str, str]:
 
     Tensors that cannot run sparse (not the weight of an ``nn.Linear``) are
     always ``"mask"``.
+
+    Example::
+
+        >>> import sparsetorch as st
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(16, 2))
+        >>> sparsifier = st.sparsify(model, policy="static", execution="sparse")
+        >>> executions(sparsifier.topology)
+        {'0.weight': 'mask', '2.weight': 'sparse'}
     """
     linear = _linear_modules(topology)
     modes = {}

@@ -353,6 +353,16 @@ class Sparsifier:
         Raises:
             ValueError: unknown ``execution``.
             TypeError: ``execution`` is not a string.
+
+        Example::
+
+            >>> import torch
+            >>> import sparsetorch as st
+            >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+            >>> sparsifier = st.sparsify(model, policy="static", sparsity=0.9)
+            >>> sparsifier.set_execution("sparse")
+            >>> sparsifier.execution, type(model[0].forward).__name__
+            ('sparse', 'SparseExecution')
         """
         set_execution(self.topology, execution)
         self.execution = execution
@@ -364,6 +374,17 @@ class Sparsifier:
 
         Raises:
             ValueError: unknown ``execution`` or ``batch_size < 1``.
+
+        Example::
+
+            >>> import torch
+            >>> import sparsetorch as st
+            >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+            >>> sparsifier = st.sparsify(model, policy="static", sparsity=0.9)
+            >>> sparsifier.export(execution="sparse")
+            Sequential(
+              (0): SparseLinear(in_features=64, out_features=64, nnz=410, bias=True)
+            )
         """
         return export_sparse(
             self.topology.model, execution=execution, batch_size=batch_size
