@@ -416,7 +416,8 @@ class SparseExecution:
         if not parametrize.is_parametrized(module, "weight"):
             del module.__dict__["forward"]  # the parametrization is gone
             return cast(Tensor, module(input))
-        self.parametrization.mark_grad_masked(None)  # forget an unused mark
+        if self.parametrization._masked_grad is not None:
+            self.parametrization.mark_grad_masked(None)  # forget an unused mark
         weight = module.weight  # through the parametrization: re-masks if stale
         if not self._use_sparse(input, weight):
             self.dense_calls += 1
