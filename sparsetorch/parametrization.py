@@ -219,7 +219,9 @@ class _MaskGradHook:
         owner = self.owner()
         if owner is None or param.grad is None:
             return
-        token, owner._masked_grad = owner._masked_grad, None
+        token = owner._masked_grad
+        if token is not None:  # (nn.Module.__setattr__ is slow: only when needed)
+            owner._masked_grad = None
         if token != (param.grad.data_ptr(), param.grad._version):
             # (else .grad is the masked gradient itself, untouched)
             _mask_(param.grad, owner.mask)

@@ -129,11 +129,16 @@ class Sparsifier:
                 for i in range(1, self.capture_steps + 1)
             )
         )
+        across = self.capture_steps > 1
         for p in self.topology.parametrizations.values():
             if p.capturing and not capture:
                 p.release()
-            p.capturing = capture
-            p.accumulate_across_steps = self.capture_steps > 1
+            # Set only what changes: this runs every step, and nn.Module's
+            # __setattr__ costs microseconds per call.
+            if p.capturing != capture:
+                p.capturing = capture
+            if p.accumulate_across_steps != across:
+                p.accumulate_across_steps = across
 
     @torch.no_grad()
     def update(self) -> bool:
