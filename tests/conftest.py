@@ -1,4 +1,4 @@
-"""Shared fixtures: a fixed seed and tiny deterministic models."""
+"""Shared fixtures and helpers: a fixed seed, tiny deterministic models, invariants."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+import sparsetorch as st
 
 # Tiny models: threads only add contention on small CI machines.
 torch.set_num_threads(1)
@@ -47,8 +49,55 @@ def batch(model: nn.Module, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
-) -> None:
+    model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor
+) -> Tensor:
+    """One cross-entropy training step; returns the (detached) logits."""
     optimizer.zero_grad()
-    nn.functional.cross_entropy(model(x), y).backward()
+    out = model(x)
+    nn.functional.cross_entropy(out, y).backward()
     optimizer.step()
+    return out.detach()
+
+
+def effective(model: nn.Module, fqn: str) -> Tensor:
+    """The tensor the module computes with, read the way its forward reads it."""
+    module_fqn, _, name = fqn.rpartition(".")
+    module = model.get_submodule(module_fqn)
+    if isinstance(module, nn.RNNBase):
+        return module._flat_weights[module._flat_weights_names.index(name)]
+    return getattr(module, name)  # type: ignore[no-any-return]
+
+
+def check_invariants(
+    sparsifier: st.Sparsifier,
+    optimizer: torch.optim.Optimizer,
+    *,
+    model: nn.Module | None = None,
+    dense_keys: list[str] | None = None,
+    grads: bool = False,
+) -> None:
+    """The invariants of DESIGN.md, for every masked tensor.
+
+    Always: exact active counts (the mask holds its target), zeros outside the
+    mask in the stored weight and in every optimizer state tensor of the
+    weight's shape. With ``model``: zeros outside the mask in the weight the
+    module computes with (:func:`effective`). With ``grads``: zeros outside the
+    mask in ``.grad`` (where there is one). With ``dense_keys``:
+    ``model.state_dict()`` has exactly those keys, in that order.
+    """
+    targets = sparsifier.topology.targets
+    for fqn, mask in sparsifier.masks.items():
+        param = sparsifier.topology.params[fqn]
+        assert int(mask.sum()) == targets[fqn], (fqn, "active count")
+        assert int(param[~mask].count_nonzero()) == 0, (fqn, "stored weight")
+        if model is not None:
+            outside = effective(model, fqn)[~mask]
+            assert int(outside.count_nonzero()) == 0, (fqn, "effective weight")
+        if grads and param.grad is not None:
+            assert int(param.grad[~mask].count_nonzero()) == 0, (fqn, "grad")
+        for key, state in optimizer.state[param].items():
+            if isinstance(state, Tensor) and state.shape == param.shape:
+                assert int(state[~mask].count_nonzero()) == 0, (fqn, key)
+    if dense_keys is not None:
+        assert model is not None, "dense_keys needs the model"
+        assert list(model.state_dict()) == dense_keys

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import batch, cnn, mlp, train_step
+from conftest import batch, check_invariants, cnn, mlp, train_step
 from expecttest import assert_expected_inline
 from torch import nn
 
@@ -19,20 +19,6 @@ OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
     "adamw-amsgrad": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, amsgrad=True),
 }
-
-
-def check_invariants(
-    sparsifier: st.Sparsifier, optimizer: torch.optim.Optimizer
-) -> None:
-    """Invariants 1 and 2: exact active counts, zeros outside every mask."""
-    targets = sparsifier.topology.targets
-    for fqn, mask in sparsifier.masks.items():
-        param = sparsifier.topology.params[fqn]
-        assert int(mask.sum()) == targets[fqn], fqn
-        assert torch.all(param[~mask] == 0), fqn
-        for name, state in optimizer.state[param].items():
-            if isinstance(state, torch.Tensor) and state.shape == param.shape:
-                assert torch.all(state[~mask] == 0), (fqn, name)
 
 
 @pytest.mark.parametrize("policy", ["rigl", "set", "static"])
