@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-from conftest import cnn, mlp
+from conftest import check_invariants, cnn, effective, mlp
 from expecttest import assert_expected_inline
 from torch import Tensor, nn
 
@@ -25,33 +25,6 @@ import sparsetorch as st
 
 STEPS = 12  # updates after steps 2, 4, 6, 8, 10 (end_step = 0.75 * 16 = 12)
 UPDATES = 5
-
-
-def effective(model: nn.Module, fqn: str) -> Tensor:
-    """The tensor the module computes with, read the way its forward reads it."""
-    module_fqn, _, name = fqn.rpartition(".")
-    module = model.get_submodule(module_fqn)
-    if isinstance(module, nn.RNNBase):
-        return module._flat_weights[module._flat_weights_names.index(name)]
-    return getattr(module, name)  # type: ignore[no-any-return]
-
-
-def check_invariants(
-    model: nn.Module,
-    sparsifier: st.Sparsifier,
-    optimizer: torch.optim.Optimizer,
-    dense_keys: list[str],
-) -> None:
-    targets = sparsifier.topology.targets
-    for fqn, mask in sparsifier.masks.items():
-        param = sparsifier.topology.params[fqn]
-        assert int(mask.sum()) == targets[fqn], fqn
-        assert torch.all(param[~mask] == 0), fqn
-        assert torch.all(effective(model, fqn)[~mask] == 0), fqn
-        for key, state in optimizer.state[param].items():
-            if isinstance(state, Tensor) and state.shape == param.shape:
-                assert torch.all(state[~mask] == 0), (fqn, key)
-    assert list(model.state_dict()) == dense_keys
 
 
 def train(
@@ -78,7 +51,7 @@ def train(
         exclude=exclude,
     )
     initial = {fqn: m.clone() for fqn, m in sparsifier.masks.items()}
-    check_invariants(model, sparsifier, optimizer, dense_keys)
+    check_invariants(sparsifier, optimizer, model=model, dense_keys=dense_keys)
     data = torch.Generator().manual_seed(7)
     for _ in range(STEPS):
         optimizer.zero_grad()
@@ -86,7 +59,7 @@ def train(
         out = out[0] if isinstance(out, tuple) else out
         out.float().square().mean().backward()
         optimizer.step()
-        check_invariants(model, sparsifier, optimizer, dense_keys)
+        check_invariants(sparsifier, optimizer, model=model, dense_keys=dense_keys)
     assert sparsifier.update_count == UPDATES
     assert any(not torch.equal(initial[f], m) for f, m in sparsifier.masks.items())
     return sparsifier, optimizer
@@ -551,7 +524,7 @@ def test_optimizer_step_with_a_closure() -> None:
 
     for _ in range(STEPS):
         optimizer.step(closure)
-        check_invariants(model, sparsifier, optimizer, dense_keys)
+        check_invariants(sparsifier, optimizer, model=model, dense_keys=dense_keys)
     assert sparsifier.update_count == UPDATES
 
 
