@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import mlp
+from conftest import check_invariants, mlp, train_step
 from expecttest import assert_expected_inline
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -74,29 +74,6 @@ def pair(
     return out
 
 
-def step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
-) -> None:
-    optimizer.zero_grad()
-    nn.functional.cross_entropy(model(x), y).backward()
-    optimizer.step()
-
-
-def check_invariants(
-    sparsifier: st.Sparsifier, optimizer: torch.optim.Optimizer
-) -> None:
-    targets = sparsifier.topology.targets
-    for fqn, mask in sparsifier.masks.items():
-        param = sparsifier.topology.params[fqn]
-        assert int(mask.sum()) == targets[fqn], fqn
-        assert torch.all(param[~mask] == 0), fqn
-        if param.grad is not None:
-            assert torch.all(param.grad[~mask] == 0), fqn
-        for state in optimizer.state[param].values():
-            if isinstance(state, torch.Tensor) and state.shape == param.shape:
-                assert torch.all(state[~mask] == 0), fqn
-
-
 # -- same results as mask mode ----------------------------------------------------------
 
 
@@ -132,8 +109,8 @@ def test_rigl_training_matches_mask_mode_masks_and_weights(opt: str) -> None:
     batches = data(steps=22)
     for x, y in batches:
         for model, optimizer, sparsifier in runs.values():
-            step(model, optimizer, x, y)
-            check_invariants(sparsifier, optimizer)
+            train_step(model, optimizer, x, y)
+            check_invariants(sparsifier, optimizer, grads=True)
     (mm, _, sm), (ms, _, ss) = runs["mask"], runs["sparse"]
     assert sm.update_count == ss.update_count == 4
     for fqn in sm.masks:
@@ -147,7 +124,7 @@ def test_capture_step_gives_mask_modes_dense_gradient() -> None:
     runs = pair()
     for x, y in data(steps=4):  # the 5th step captures: arm it, don't update yet
         for model, optimizer, _ in runs.values():
-            step(model, optimizer, x, y)
+            train_step(model, optimizer, x, y)
     captured = {}
     ((x, y),) = data(seed=3)
     for execution, (model, optimizer, sparsifier) in runs.items():
@@ -156,7 +133,7 @@ def test_capture_step_gives_mask_modes_dense_gradient() -> None:
         parametrizations = sparsifier.topology.parametrizations
         assert all(p.capturing for p in parametrizations.values())
         captured[execution] = {f: p.dense_grad for f, p in parametrizations.items()}
-        check_invariants(sparsifier, optimizer)  # .grad itself is masked
+        check_invariants(sparsifier, optimizer, grads=True)  # .grad itself is masked
     for fqn, dense in captured["mask"].items():
         assert dense is not None and bool((dense != 0).any())
         torch.testing.assert_close(captured["sparse"][fqn], dense, **TOL)
@@ -184,7 +161,7 @@ def test_grad_set_to_zero_instead_of_none_still_masked() -> None:
             nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
     (mm, _, _), (ms, opt_s, ss) = runs["mask"], runs["sparse"]
-    check_invariants(ss, opt_s)
+    check_invariants(ss, opt_s, grads=True)
     for key, value in mm.state_dict().items():
         torch.testing.assert_close(ms.state_dict()[key], value, **TOL)
 
@@ -194,22 +171,22 @@ def test_gradient_memory_is_reused_only_when_nobody_holds_it() -> None:
     model, optimizer, sparsifier = runs["sparse"]
     param = sparsifier.topology.params["2.weight"]
     (x, y), (x2, y2), (x3, y3) = data(steps=3)
-    step(model, optimizer, x, y)
+    train_step(model, optimizer, x, y)
     first = param.grad
     assert first is not None
     kept, kept_values = first, first.clone()  # the user holds on to a gradient
-    step(model, optimizer, x2, y2)
+    train_step(model, optimizer, x2, y2)
     assert param.grad is not None
     assert param.grad.data_ptr() != kept.data_ptr()  # new memory: kept is intact
     assert torch.equal(kept, kept_values)
     del kept, first
     second_ptr = param.grad.data_ptr()
-    step(model, optimizer, x3, y3)  # nobody holds the last one: reused
+    train_step(model, optimizer, x3, y3)  # nobody holds the last one: reused
     assert param.grad.data_ptr() == second_ptr
     mask_model, mask_optimizer, _ = runs["mask"]
     for xb, yb in ((x, y), (x2, y2), (x3, y3)):
-        step(mask_model, mask_optimizer, xb, yb)
-    check_invariants(sparsifier, optimizer)
+        train_step(mask_model, mask_optimizer, xb, yb)
+    check_invariants(sparsifier, optimizer, grads=True)
     for key, value in mask_model.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value, **TOL)
     torch.testing.assert_close(
@@ -221,8 +198,8 @@ def test_a_write_into_the_gradient_after_a_step_does_not_leak_into_the_next() ->
     runs = pair(policy="static")
     for x, y in data(steps=3):
         for model, optimizer, sparsifier in runs.values():
-            step(model, optimizer, x, y)
-            check_invariants(sparsifier, optimizer)
+            train_step(model, optimizer, x, y)
+            check_invariants(sparsifier, optimizer, grads=True)
             for param in sparsifier.topology.params.values():
                 assert param.grad is not None
                 param.grad.add_(1.0)  # dense: outside the masks too
@@ -294,7 +271,7 @@ def test_structure_is_rebuilt_once_per_update_not_per_step() -> None:
     runs = pair()
     model, optimizer, sparsifier = runs["sparse"]
     for x, y in data(steps=12):
-        step(model, optimizer, x, y)
+        train_step(model, optimizer, x, y)
     assert sparsifier.update_count == 2
     assert [f.rebuilds for f in forwards(sparsifier)] == [3, 3, 3]  # start + 2
     assert [f.sparse_calls for f in forwards(sparsifier)] == [12, 12, 12]
@@ -304,7 +281,7 @@ def test_sparsifier_load_state_dict_switches_structure_and_matches_mask_mode() -
     runs = pair()
     for x, y in data(steps=6):  # one update: masks differ from a fresh run's
         for model, optimizer, _ in runs.values():
-            step(model, optimizer, x, y)
+            train_step(model, optimizer, x, y)
     buffer = io.BytesIO()
     torch.save(
         {
@@ -477,7 +454,7 @@ def test_export_matches_the_model_and_leaves_it_unchanged() -> None:
     runs = pair()
     model, optimizer, sparsifier = runs["sparse"]
     for x, y in data(steps=6):
-        step(model, optimizer, x, y)
+        train_step(model, optimizer, x, y)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     exported = sparsifier.export(execution="sparse")
     assert_expected_inline(
@@ -502,8 +479,8 @@ Sequential(
     torch.testing.assert_close(loaded(x), exported(x))
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
-    step(model, optimizer, x, y)  # the original still trains sparse
-    check_invariants(sparsifier, optimizer)
+    train_step(model, optimizer, x, y)  # the original still trains sparse
+    check_invariants(sparsifier, optimizer, grads=True)
     assert [f.sparse_calls for f in forwards(sparsifier)] == [8, 8, 8]
 
 
@@ -596,7 +573,7 @@ def test_ddp_sparse_ranks_match_a_single_process_mask_mode_run(
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     model, optimizer, sparsifier = pair()["mask"]
     for x, y in data(steps=7):
-        step(model, optimizer, x, y)
+        train_step(model, optimizer, x, y)
     assert sparsifier.update_count == 1
     for result in ranks:
         assert result["updates"] == 1
