@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from conftest import check_invariants
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 from torch import Tensor, nn
@@ -149,30 +150,6 @@ def cases(draw: hs.DrawFn) -> Case:
     )
 
 
-def effective(model: nn.Module, fqn: str) -> Tensor:
-    module_fqn, _, name = fqn.rpartition(".")
-    return getattr(model.get_submodule(module_fqn), name)  # type: ignore[no-any-return]
-
-
-def check_invariants(
-    case: Case,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    sparsifier: st.Sparsifier,
-    dense_keys: list[str],
-) -> None:
-    targets = sparsifier.topology.targets
-    for fqn, mask in sparsifier.masks.items():
-        param = sparsifier.topology.params[fqn]
-        assert int(mask.sum()) == targets[fqn], fqn
-        assert bool((param[~mask] == 0).all()), fqn
-        assert bool((effective(model, fqn)[~mask] == 0).all()), fqn
-        for key, state in optimizer.state[param].items():
-            if isinstance(state, Tensor) and state.shape == param.shape:
-                assert bool((state[~mask] == 0).all()), (fqn, key)
-    assert list(model.state_dict()) == dense_keys
-
-
 def train(
     case: Case,
     model: nn.Module,
@@ -189,7 +166,7 @@ def train(
         model(case.batch(k)).square().mean().backward()
         optimizer.step()
         assert sparsifier.step_count == k
-        check_invariants(case, model, optimizer, sparsifier, dense_keys)
+        check_invariants(sparsifier, optimizer, model=model, dense_keys=dense_keys)
         scheduled = case.policy != "static" and sparsifier.schedule.is_update_step(k)
         assert sparsifier.update_count == updates + scheduled
         for fqn, mask in sparsifier.masks.items():
@@ -232,7 +209,7 @@ def test_random_runs_keep_the_invariants_and_resume_bit_exactly(case: Case) -> N
     dense_keys = list(model.state_dict())
     optimizer = case.make_optimizer(model)
     sparsifier = case.sparsify(model, optimizer, seed=case.seed)
-    check_invariants(case, model, optimizer, sparsifier, dense_keys)
+    check_invariants(sparsifier, optimizer, model=model, dense_keys=dense_keys)
     train(case, model, optimizer, sparsifier, range(1, case.save_at + 1), dense_keys)
     saved = roundtrip(
         {
