@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -101,3 +102,56 @@ def check_invariants(
     if dense_keys is not None:
         assert model is not None, "dense_keys needs the model"
         assert list(model.state_dict()) == dense_keys
+
+
+# -- a small classifier (12 features, 6 classes) trained in a plain loop ------------
+
+
+def small_mlp(activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    """12-24-6 MLP."""
+    return nn.Sequential(nn.Linear(12, 24), activation(), nn.Linear(24, 6))
+
+
+def small_sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+
+def small_sparse(
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer] = small_sgd,
+    *,
+    activation: type[nn.Module] = nn.ReLU,
+    **sparsify_kwargs: Any,
+) -> tuple[nn.Module, torch.optim.Optimizer, st.Sparsifier]:
+    """A seeded ``small_mlp`` and its optimizer, sparsified.
+
+    75% sparsity, uniform, RigL every 2 steps dropping half the active weights
+    (``sparsify_kwargs`` override any of it).
+    """
+    torch.manual_seed(0)
+    model = small_mlp(activation)
+    optimizer = make_optimizer(model)
+    settings: dict[str, Any] = {
+        "sparsity": 0.75,
+        "distribution": "uniform",
+        "total_steps": 1000,
+        "update_interval": 2,
+        "drop_fraction": 0.5,
+    }
+    sparsifier = st.sparsify(model, optimizer, **{**settings, **sparsify_kwargs})
+    return model, optimizer, sparsifier
+
+
+def small_batches(n: int, size: int = 16) -> list[tuple[Tensor, Tensor]]:
+    """``n`` fixed random batches for ``small_mlp``."""
+    g = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(size, 12, generator=g), torch.randint(0, 6, (size,), generator=g))
+        for _ in range(n)
+    ]
+
+
+def plain_copy(model: nn.Module, activation: type[nn.Module] = nn.ReLU) -> nn.Module:
+    """An un-sparsified ``small_mlp`` holding ``model``'s effective weights."""
+    plain = small_mlp(activation).to(next(iter(model.state_dict().values())).dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain

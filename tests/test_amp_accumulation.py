@@ -8,51 +8,16 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    check_invariants,
+    plain_copy,
+    small_batches,
+    small_sparse,
+    train_step,
+)
 from torch import Tensor, nn
 
 import sparsetorch as st
-
-
-def _sparse(
-    *, update_interval: int = 2, momentum: float = 0.9
-) -> tuple[nn.Module, torch.optim.Optimizer, st.Sparsifier]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 6))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum)
-    sparsifier = st.sparsify(
-        model,
-        optimizer,
-        sparsity=0.75,
-        distribution="uniform",
-        total_steps=1000,
-        update_interval=update_interval,
-        drop_fraction=0.5,
-    )
-    return model, optimizer, sparsifier
-
-
-def _batches(n: int, size: int = 16) -> list[tuple[Tensor, Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    return [
-        (torch.randn(size, 12, generator=g), torch.randint(0, 6, (size,), generator=g))
-        for _ in range(n)
-    ]
-
-
-def _check_invariants(
-    sparsifier: st.Sparsifier, optimizer: torch.optim.Optimizer, *, grads: bool = True
-) -> None:
-    params = sparsifier.topology.params
-    targets = sparsifier.topology.targets
-    for fqn, mask in sparsifier.masks.items():
-        param = params[fqn]
-        assert int(mask.sum()) == targets[fqn], fqn
-        assert int(param[~mask].count_nonzero()) == 0, fqn
-        if grads and param.grad is not None:
-            assert int(param.grad[~mask].count_nonzero()) == 0, fqn
-        for value in optimizer.state[param].values():
-            if isinstance(value, Tensor) and value.shape == param.shape:
-                assert int(value[~mask].count_nonzero()) == 0, fqn
 
 
 def _dense_grads(sparsifier: st.Sparsifier) -> dict[str, Tensor]:
@@ -61,6 +26,18 @@ def _dense_grads(sparsifier: st.Sparsifier) -> dict[str, Tensor]:
         assert p.dense_grad is not None, fqn
         grads[fqn] = p.dense_grad.clone()
     return grads
+
+
+def _assert_dense_grads_are_the_full_batch_grads(
+    sparsifier: st.Sparsifier, model: nn.Module, x: Tensor, y: Tensor
+) -> None:
+    """The captured dense gradients equal a plain model's gradient on ``(x, y)``."""
+    plain = plain_copy(model)
+    F.cross_entropy(plain(x), y).backward()
+    for fqn, grad in _dense_grads(sparsifier).items():
+        reference = plain.get_parameter(fqn).grad
+        assert reference is not None
+        torch.testing.assert_close(grad, reference, rtol=0, atol=1e-6)
 
 
 def _assert_same_weights(a: nn.Module, b: nn.Module, *, atol: float = 0.0) -> None:
@@ -83,13 +60,12 @@ def _micro_batches(model: nn.Module, x: Tensor, y: Tensor, n: int) -> None:
 
 
 def test_dense_grad_over_micro_batches_equals_full_batch_grad_and_gives_same_masks():
-    (x0, y0), (x, y) = _batches(2)
-    acc_model, acc_opt, acc = _sparse()
-    full_model, full_opt, full = _sparse()
+    (x0, y0), (x, y) = small_batches(2)
+    acc_model, acc_opt, acc = small_sparse()
+    full_model, full_opt, full = small_sparse()
     for model, opt in ((acc_model, acc_opt), (full_model, full_opt)):
-        opt.zero_grad()
-        F.cross_entropy(model(x0), y0).backward()
-        opt.step()  # step 1; step 2 updates, so its backward passes capture
+        # step 1; step 2 updates, so its backward passes capture
+        train_step(model, opt, x0, y0)
 
     acc_opt.zero_grad()
     _micro_batches(acc_model, x, y, 4)
@@ -97,8 +73,7 @@ def test_dense_grad_over_micro_batches_equals_full_batch_grad_and_gives_same_mas
     F.cross_entropy(full_model(x), y).backward()
 
     # Independent reference: a plain dense model holding the effective weights.
-    plain = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 6))
-    plain.load_state_dict(full_model.state_dict())
+    plain = plain_copy(full_model)
     F.cross_entropy(plain(x), y).backward()
     acc_grads, full_grads = _dense_grads(acc), _dense_grads(full)
     for fqn in ("0.weight", "2.weight"):
@@ -117,53 +92,43 @@ def test_dense_grad_over_micro_batches_equals_full_batch_grad_and_gives_same_mas
         assert torch.equal(acc.masks[fqn], full.masks[fqn])
         assert not torch.equal(acc.masks[fqn], before[fqn])
     _assert_same_weights(acc_model, full_model, atol=1e-6)
-    _check_invariants(acc, acc_opt)
+    check_invariants(acc, acc_opt, grads=True)
 
 
 def test_updates_once_per_update_interval_optimizer_steps_with_micro_batches():
-    model, optimizer, sparsifier = _sparse(update_interval=3)
+    model, optimizer, sparsifier = small_sparse(update_interval=3)
     changed_at = []
-    for x, y in _batches(9):
+    for x, y in small_batches(9):
         before = {fqn: m.clone() for fqn, m in sparsifier.masks.items()}
         optimizer.zero_grad()
         _micro_batches(model, x, y, 4)
         optimizer.step()
         if any(not torch.equal(m, before[f]) for f, m in sparsifier.masks.items()):
             changed_at.append(sparsifier.step_count)
-        _check_invariants(sparsifier, optimizer)
+        check_invariants(sparsifier, optimizer, grads=True)
     assert changed_at == [3, 6, 9]
     assert (sparsifier.step_count, sparsifier.update_count) == (9, 3)
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_zero_grad_restarts_the_dense_grad_sum(set_to_none: bool):
-    (x0, y0), (x, y) = _batches(2)
-    model, optimizer, sparsifier = _sparse()
-    optimizer.zero_grad()
-    F.cross_entropy(model(x0), y0).backward()
-    optimizer.step()
+    (x0, y0), (x, y) = small_batches(2)
+    model, optimizer, sparsifier = small_sparse()
+    train_step(model, optimizer, x0, y0)
     # A backward pass that zero_grad discards: the capture must forget it too.
     (100 * F.cross_entropy(model(x0), y0)).backward()
     optimizer.zero_grad(set_to_none=set_to_none)
     _micro_batches(model, x, y, 4)
 
-    plain = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 6))
-    plain.load_state_dict(model.state_dict())
-    F.cross_entropy(plain(x), y).backward()
-    for fqn, grad in _dense_grads(sparsifier).items():
-        reference = plain.get_parameter(fqn).grad
-        assert reference is not None
-        torch.testing.assert_close(grad, reference, rtol=0, atol=1e-6)
+    _assert_dense_grads_are_the_full_batch_grads(sparsifier, model, x, y)
 
 
 def test_dense_grad_sum_survives_grad_overwritten_between_micro_batches():
     # DDP without no_sync() writes the all-reduced gradient into .grad after each
     # backward pass; that is not a reset, so the sum must go on.
-    (x0, y0), (x, y) = _batches(2)
-    model, optimizer, sparsifier = _sparse()
-    optimizer.zero_grad()
-    F.cross_entropy(model(x0), y0).backward()
-    optimizer.step()
+    (x0, y0), (x, y) = small_batches(2)
+    model, optimizer, sparsifier = small_sparse()
+    train_step(model, optimizer, x0, y0)
     optimizer.zero_grad()
     for xs, ys in zip(x.chunk(4), y.chunk(4), strict=True):
         (F.cross_entropy(model(xs), ys) / 4).backward()
@@ -172,13 +137,7 @@ def test_dense_grad_sum_survives_grad_overwritten_between_micro_batches():
                 assert param.grad is not None
                 param.grad.copy_(param.grad.clone())  # bumps ._version
 
-    plain = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 6))
-    plain.load_state_dict(model.state_dict())
-    F.cross_entropy(plain(x), y).backward()
-    for fqn, grad in _dense_grads(sparsifier).items():
-        reference = plain.get_parameter(fqn).grad
-        assert reference is not None
-        torch.testing.assert_close(grad, reference, rtol=0, atol=1e-6)
+    _assert_dense_grads_are_the_full_batch_grads(sparsifier, model, x, y)
 
 
 # -- mixed precision ----------------------------------------------------------------
@@ -187,10 +146,10 @@ def test_dense_grad_sum_survives_grad_overwritten_between_micro_batches():
 def _train_with_scaler(
     *, inject_inf_at: int | None, enabled: bool = True
 ) -> tuple[nn.Module, st.Sparsifier, list[tuple[str, int, int, float]]]:
-    model, optimizer, sparsifier = _sparse(update_interval=3)
+    model, optimizer, sparsifier = small_sparse(update_interval=3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, enabled=enabled)
     log: list[tuple[str, int, int, float]] = []
-    for i, (x, y) in enumerate(_batches(7)):
+    for i, (x, y) in enumerate(small_batches(7)):
         if i == inject_inf_at:
             masks = {fqn: m.clone() for fqn, m in sparsifier.masks.items()}
             optimizer.zero_grad()
@@ -201,7 +160,7 @@ def _train_with_scaler(
             log.append(("skipped", sparsifier.step_count, sparsifier.update_count, 0.0))
             assert all(torch.equal(m, masks[f]) for f, m in sparsifier.masks.items())
             # (.grad is NaN there: masking multiplies, and inf * 0 is NaN.)
-            _check_invariants(sparsifier, optimizer, grads=False)
+            check_invariants(sparsifier, optimizer)
         optimizer.zero_grad()
         scaler.scale(F.cross_entropy(model(x), y)).backward()
         scaler.step(optimizer)
@@ -209,7 +168,7 @@ def _train_with_scaler(
         log.append(
             ("step", sparsifier.step_count, sparsifier.update_count, scaler.get_scale())
         )
-        _check_invariants(sparsifier, optimizer)
+        check_invariants(sparsifier, optimizer, grads=True)
     return model, sparsifier, log
 
 
@@ -245,9 +204,9 @@ def test_grad_scaler_training_is_bit_exact_with_unscaled_training():
 
 
 def test_autocast_bf16_captures_fp32_dense_grads_and_keeps_invariants():
-    model, optimizer, sparsifier = _sparse(update_interval=2)
+    model, optimizer, sparsifier = small_sparse(update_interval=2)
     parametrizations = sparsifier.topology.parametrizations
-    for step, (x, y) in enumerate(_batches(4), start=1):
+    for step, (x, y) in enumerate(small_batches(4), start=1):
         optimizer.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(x)
@@ -262,16 +221,16 @@ def test_autocast_bf16_captures_fp32_dense_grads_and_keeps_invariants():
                 inactive = p.dense_grad[~sparsifier.masks[fqn]]
                 assert int(inactive.count_nonzero()) > 0
         optimizer.step()
-        _check_invariants(sparsifier, optimizer)
+        check_invariants(sparsifier, optimizer, grads=True)
     assert (sparsifier.step_count, sparsifier.update_count) == (4, 2)
     for p in parametrizations.values():
         assert p.dense_grad is None  # released after the update
 
 
 def test_bf16_model_trains_with_bf16_dense_grads():
-    model, optimizer, sparsifier = _sparse(update_interval=2)
+    model, optimizer, sparsifier = small_sparse(update_interval=2)
     model.to(torch.bfloat16)
-    for x, y in _batches(4):
+    for x, y in small_batches(4):
         optimizer.zero_grad()
         F.cross_entropy(model(x.bfloat16()), y).backward()
         if sparsifier.step_count % 2 == 1:
@@ -279,7 +238,7 @@ def test_bf16_model_trains_with_bf16_dense_grads():
                 assert p.dense_grad is not None
                 assert p.dense_grad.dtype == torch.bfloat16
         optimizer.step()
-        _check_invariants(sparsifier, optimizer)
+        check_invariants(sparsifier, optimizer, grads=True)
     assert sparsifier.update_count == 2
     assert all(m.dtype == torch.bool for m in sparsifier.masks.values())
 
@@ -323,7 +282,7 @@ def test_inf_gradient_only_at_an_inactive_position(scaler_enabled: bool):
     scaler = torch.amp.GradScaler("cpu", enabled=scaler_enabled)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for x, _ in _batches(2):
+        for x, _ in small_batches(2):
             optimizer.zero_grad()
             scaler.scale(model(x).sum()).backward()
             scaler.step(optimizer)
@@ -352,10 +311,10 @@ def test_inf_gradient_only_at_an_inactive_position(scaler_enabled: bool):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_fp16_autocast_grad_scaler_skip_delays_the_update():
-    model, optimizer, sparsifier = _sparse(update_interval=3)
+    model, optimizer, sparsifier = small_sparse(update_interval=3)
     model.cuda()
     scaler = torch.amp.GradScaler("cuda")
-    for i, (x, y) in enumerate(_batches(7)):
+    for i, (x, y) in enumerate(small_batches(7)):
         x, y = x.cuda(), y.cuda()
         for inject in (True, False) if i == 2 else (False,):
             counts = (sparsifier.step_count, sparsifier.update_count)
@@ -367,7 +326,7 @@ def test_cuda_fp16_autocast_grad_scaler_skip_delays_the_update():
             scaler.update()
             if inject:  # skipped: not counted, no update
                 assert (sparsifier.step_count, sparsifier.update_count) == counts
-            _check_invariants(sparsifier, optimizer, grads=not inject)
+            check_invariants(sparsifier, optimizer, grads=not inject)
     assert sparsifier.step_count == 7
     assert sparsifier.update_count == 2
     assert all(m.device.type == "cuda" for m in sparsifier.masks.values())
