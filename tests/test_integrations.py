@@ -4,76 +4,38 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    check_invariants,
+    plain_copy,
+    small_batches,
+    small_mlp,
+    small_sgd,
+    small_sparse,
+    train_step,
+)
 from torch import Tensor, nn
 
 import sparsetorch as st
 
 
-def _model() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 6))
-
-
 def _sparse(
-    optimizer_cls: type[torch.optim.Optimizer] = torch.optim.SGD,
-    *,
-    update_interval: int = 2,
-    **optimizer_kwargs: float,
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer] = small_sgd,
+    **sparsify_kwargs: Any,
 ) -> tuple[nn.Module, torch.optim.Optimizer, st.Sparsifier]:
-    torch.manual_seed(0)
-    model = _model()
-    kwargs = {"lr": 0.05, "momentum": 0.9} if optimizer_cls is torch.optim.SGD else {}
-    optimizer = optimizer_cls(model.parameters(), **{**kwargs, **optimizer_kwargs})
-    sparsifier = st.sparsify(
-        model,
-        optimizer,
-        sparsity=0.75,
-        distribution="uniform",
-        total_steps=1000,
-        update_interval=update_interval,
-        drop_fraction=0.5,
-    )
-    return model, optimizer, sparsifier
-
-
-def _batches(n: int, size: int = 16) -> list[tuple[Tensor, Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    return [
-        (torch.randn(size, 12, generator=g), torch.randint(0, 6, (size,), generator=g))
-        for _ in range(n)
-    ]
-
-
-def _plain_copy(model: nn.Module) -> nn.Module:
-    """An un-sparsified model holding ``model``'s effective weights."""
-    plain = _model().to(next(iter(model.state_dict().values())).dtype)
-    plain.load_state_dict(model.state_dict())
-    return plain
-
-
-def _check_invariants(
-    sparsifier: st.Sparsifier, optimizer: torch.optim.Optimizer
-) -> None:
-    params = sparsifier.topology.params
-    targets = sparsifier.topology.targets
-    for fqn, mask in sparsifier.masks.items():
-        param = params[fqn]
-        assert int(mask.sum()) == targets[fqn], fqn
-        assert int(param[~mask].count_nonzero()) == 0, fqn
-        if param.grad is not None:
-            assert int(param.grad[~mask].count_nonzero()) == 0, fqn
-        for value in optimizer.state[param].values():
-            if isinstance(value, Tensor) and value.shape == param.shape:
-                assert int(value[~mask].count_nonzero()) == 0, fqn
+    """conftest's ``small_sparse`` with Tanh."""
+    return small_sparse(make_optimizer, activation=nn.Tanh, **sparsify_kwargs)
 
 
 @pytest.mark.parametrize("made", ["before sparsify", "after sparsify"])
 def test_lr_scheduler_and_sparsifier_both_count_every_step(made: str):
     torch.manual_seed(0)
-    model = _model()
+    model = small_mlp(nn.Tanh)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     if made == "before sparsify":
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
@@ -85,21 +47,19 @@ def test_lr_scheduler_and_sparsifier_both_count_every_step(made: str):
     lrs = []
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer"
-        for x, y in _batches(6):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
+        for x, y in small_batches(6):
+            train_step(model, optimizer, x, y)
             scheduler.step()
             lrs.append(optimizer.param_groups[0]["lr"])
     assert lrs == [0.1, 0.05, 0.05, 0.025, 0.025, 0.0125]
     assert (sparsifier.step_count, sparsifier.update_count) == (6, 2)
-    _check_invariants(sparsifier, optimizer)
+    check_invariants(sparsifier, optimizer, grads=True)
 
 
 def test_clip_grad_norm_sees_and_clips_the_masked_gradient():
     model, optimizer, sparsifier = _sparse()
-    for x, y in _batches(4):
-        plain = _plain_copy(model)
+    for x, y in small_batches(4):
+        plain = plain_copy(model, nn.Tanh)
         F.cross_entropy(plain(x), y).backward()
         masks = {fqn: m.clone() for fqn, m in sparsifier.masks.items()}
         expected = torch.linalg.vector_norm(
@@ -123,26 +83,26 @@ def test_clip_grad_norm_sees_and_clips_the_masked_gradient():
         )
         torch.testing.assert_close(clipped, torch.tensor(0.1), rtol=1e-5, atol=0)
         optimizer.step()
-        _check_invariants(sparsifier, optimizer)
+        check_invariants(sparsifier, optimizer, grads=True)
     assert sparsifier.update_count == 2
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_zero_grad_either_way_keeps_invariants_across_updates(set_to_none: bool):
     model, optimizer, sparsifier = _sparse()
-    for x, y in _batches(6):
+    for x, y in small_batches(6):
         optimizer.zero_grad(set_to_none=set_to_none)
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
-        _check_invariants(sparsifier, optimizer)
+        check_invariants(sparsifier, optimizer, grads=True)
     assert (sparsifier.step_count, sparsifier.update_count) == (6, 3)
 
 
 def test_lbfgs_step_with_closure_counts_once_and_keeps_weights_masked():
     model, optimizer, sparsifier = _sparse(
-        torch.optim.LBFGS, lr=0.5, max_iter=4, history_size=5
+        lambda m: torch.optim.LBFGS(m.parameters(), lr=0.5, max_iter=4, history_size=5)
     )
-    (x, y), *_ = _batches(1, size=64)
+    (x, y), *_ = small_batches(1, size=64)
     calls = 0
 
     def closure() -> Tensor:
@@ -158,16 +118,15 @@ def test_lbfgs_step_with_closure_counts_once_and_keeps_weights_masked():
         assert (sparsifier.step_count, sparsifier.update_count) == (step, step // 2)
         # L-BFGS's flat history spans dropped weights: it is restarted at each
         # update, or the next step would write outside the masks.
-        _check_invariants(sparsifier, optimizer)
+        check_invariants(sparsifier, optimizer, grads=True)
     assert calls == 24  # 4 closure calls per step, one count per step
 
 
 def test_eval_and_no_grad_neither_capture_nor_change_masks():
     model, optimizer, sparsifier = _sparse()
-    (x, y), (x2, y2) = _batches(2)
-    optimizer.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    optimizer.step()  # step 1: the next step updates, so capturing is armed
+    (x, y), (x2, y2) = small_batches(2)
+    # step 1: the next step updates, so capturing is armed
+    train_step(model, optimizer, x, y)
     parametrizations = sparsifier.topology.parametrizations
     assert all(p.capturing for p in parametrizations.values())
     masks = {fqn: m.clone() for fqn, m in sparsifier.masks.items()}
@@ -176,7 +135,7 @@ def test_eval_and_no_grad_neither_capture_nor_change_masks():
     assert all(not p.training for p in parametrizations.values())
     with torch.no_grad():
         out = model(x2)
-    assert torch.equal(out, _plain_copy(model)(x2))
+    assert torch.equal(out, plain_copy(model, nn.Tanh)(x2))
     assert all(p.dense_grad is None for p in parametrizations.values())
     model.train()
 
@@ -187,7 +146,7 @@ def test_eval_and_no_grad_neither_capture_nor_change_masks():
     optimizer.step()
     assert sparsifier.update_count == 1
     assert any(not torch.equal(m, masks[f]) for f, m in sparsifier.masks.items())
-    _check_invariants(sparsifier, optimizer)
+    check_invariants(sparsifier, optimizer, grads=True)
 
 
 def test_to_float64_after_sparsify_keeps_masks_params_and_invariants():
@@ -200,7 +159,7 @@ def test_to_float64_after_sparsify_keeps_masks_params_and_invariants():
     assert {f: id(p) for f, p in sparsifier.topology.params.items()} == params
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert set(params.values()) <= held
-    for x, y in _batches(4):
+    for x, y in small_batches(4):
         optimizer.zero_grad()
         out = model(x.double())
         assert out.dtype == torch.float64
@@ -210,22 +169,20 @@ def test_to_float64_after_sparsify_keeps_masks_params_and_invariants():
                 assert p.dense_grad is not None
                 assert p.dense_grad.dtype == torch.float64
         optimizer.step()
-        _check_invariants(sparsifier, optimizer)
+        check_invariants(sparsifier, optimizer, grads=True)
     assert sparsifier.update_count == 2
-    x, _ = _batches(1)[0]
-    assert torch.equal(model(x.double()), _plain_copy(model)(x.double()))
+    x, _ = small_batches(1)[0]
+    assert torch.equal(model(x.double()), plain_copy(model, nn.Tanh)(x.double()))
 
 
 def test_deepcopy_computes_the_same_outputs_and_trains_sparse():
     model, optimizer, sparsifier = _sparse()
-    for x, y in _batches(3):  # trained, with one update behind it
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
+    for x, y in small_batches(3):  # trained, with one update behind it
+        train_step(model, optimizer, x, y)
     assert sparsifier.update_count == 1
     original = {k: v.clone() for k, v in model.state_dict().items()}
     replica = copy.deepcopy(model)
-    (x, y), (x2, y2) = _batches(2)
+    (x, y), (x2, y2) = small_batches(2)
     assert torch.equal(replica(x), model(x))
 
     replica_masks = {
@@ -238,9 +195,7 @@ def test_deepcopy_computes_the_same_outputs_and_trains_sparse():
     # Adam with weight decay: masked gradients keep dropped weights at zero.
     replica_opt = torch.optim.AdamW(replica.parameters(), lr=0.01, weight_decay=0.1)
     for _ in range(3):
-        replica_opt.zero_grad()
-        F.cross_entropy(replica(x2), y2).backward()
-        replica_opt.step()
+        train_step(replica, replica_opt, x2, y2)
     for fqn, p in replica_masks.items():
         stored = replica.get_parameter(
             fqn.rpartition(".")[0] + ".parametrizations.weight.original"
@@ -251,7 +206,5 @@ def test_deepcopy_computes_the_same_outputs_and_trains_sparse():
         assert int(stored[p.mask].count_nonzero()) == int(p.mask.sum())  # trained
     # The original is untouched, and still trains with its own hooks.
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
-    optimizer.zero_grad()
-    F.cross_entropy(model(x2), y2).backward()
-    optimizer.step()
-    _check_invariants(sparsifier, optimizer)
+    train_step(model, optimizer, x2, y2)
+    check_invariants(sparsifier, optimizer, grads=True)
