@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import small_mlp, small_sparse, train_step
 from expecttest import assert_expected_inline
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -40,28 +41,15 @@ pytestmark = pytest.mark.skipif(
 # -- what every rank (and the single-process reference) trains ----------------------
 
 
-def _model() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 6))
-
-
 def _sparse(
     policy: str = "rigl", seed: int = 0
 ) -> tuple[nn.Module, torch.optim.Optimizer, st.Sparsifier]:
-    torch.manual_seed(0)
-    model = _model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    sparsifier = st.sparsify(
-        model,
-        optimizer,
+    return small_sparse(
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
         policy=policy,
-        sparsity=0.75,
-        distribution="uniform",
         total_steps=100,
-        update_interval=2,
-        drop_fraction=0.5,
         seed=seed,
     )
-    return model, optimizer, sparsifier
 
 
 def _global_batch(step: int) -> tuple[Tensor, Tensor]:
@@ -201,7 +189,7 @@ def _checkpoint_resume(
         )
     dist.barrier()
     torch.manual_seed(1000 + rank)  # other weights and masks: the load must win
-    fresh = _model()
+    fresh = small_mlp()
     fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
     fresh_sp = st.sparsify(
         fresh,
@@ -221,9 +209,7 @@ def _checkpoint_resume(
     for step in (STEPS + 1, STEPS + 2):  # the second one updates
         x, y = _local_batch(step, rank)
         for m, opt in ((ddp, optimizer), (fresh_ddp, fresh_opt)):
-            opt.zero_grad()
-            F.cross_entropy(m(x), y).backward()
-            opt.step()
+            train_step(m, opt, x, y)
     return {
         "resumed_masks": _masks(fresh_sp),
         "resumed_weights": _weights(fresh),
@@ -241,9 +227,7 @@ def _set_with_rank_seeds(rank: int, out: str) -> dict[str, Any]:
     masks = []
     for step in range(1, 5):
         x, y = _local_batch(step, rank)
-        optimizer.zero_grad()
-        F.cross_entropy(ddp(x), y).backward()
-        optimizer.step()
+        train_step(ddp, optimizer, x, y)
         masks.append(_masks(sparsifier))
     return {"initial": initial, "masks": masks, "updates": sparsifier.update_count}
 
@@ -267,7 +251,7 @@ def _errors(rank: int, out: str) -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard
 
     messages = {}
-    model = _model()
+    model = small_mlp()
     ddp = DDP(model)
     try:
         st.sparsify(ddp, policy="static")
@@ -275,7 +259,7 @@ def _errors(rank: int, out: str) -> dict[str, Any]:
         messages["ddp"] = str(error)
     messages["ddp_untouched"] = not hasattr(model[0], "parametrizations")
 
-    sharded = _model()
+    sharded = small_mlp()
     fully_shard(sharded)
     try:
         st.sparsify(sharded, policy="static")
@@ -290,7 +274,7 @@ def _fully_shard_after_sparsify(rank: int, out: str) -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
-    model = _model()
+    model = small_mlp()
     sparsifier = st.sparsify(
         model, sparsity=0.75, distribution="uniform", total_steps=100, update_interval=2
     )
@@ -301,9 +285,7 @@ def _fully_shard_after_sparsify(rank: int, out: str) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for step in (1, 2):
         x, y = _local_batch(step, rank)
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
+        train_step(model, optimizer, x, y)
         outside = []
         for fqn, mask in sparsifier.masks.items():
             param = sparsifier.topology.params[fqn]
@@ -393,9 +375,7 @@ def single_process() -> dict[str, Any]:
     masks = []
     for step in range(1, STEPS + 1):
         x, y = _global_batch(step)
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
+        train_step(model, optimizer, x, y)
         masks.append(_masks(sparsifier))
     return {
         "masks": masks,
