@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from conftest import check_invariants, train_step
 from torch import Tensor, nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -54,25 +55,6 @@ def batches(n: int) -> list[tuple[Tensor, Tensor]]:
     ]
 
 
-def train_step(
-    forward: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor
-) -> Tensor:
-    optimizer.zero_grad()
-    out = forward(x)
-    nn.functional.cross_entropy(out, y).backward()
-    optimizer.step()
-    return out.detach()
-
-
-def assert_masked(sparsifier: st.Sparsifier, optimizer: torch.optim.Optimizer) -> None:
-    for fqn, mask in sparsifier.masks.items():
-        param = sparsifier.topology.params[fqn]
-        assert int(mask.sum()) == sparsifier.topology.targets[fqn]
-        assert torch.count_nonzero(param[~mask]) == 0
-        buf = optimizer.state[param]["momentum_buffer"]
-        assert torch.count_nonzero(buf[~mask]) == 0
-
-
 def test_compiled_model_updates_masks_in_place_without_recompiling() -> None:
     model = tiny()
     sparsifier, optimizer = sparsified(model)
@@ -96,7 +78,9 @@ def test_compiled_model_updates_masks_in_place_without_recompiling() -> None:
     assert counter.frame_count == 1
     assert {fqn: m.data_ptr() for fqn, m in sparsifier.masks.items()} == buffers
     assert any(not torch.equal(initial[f], m) for f, m in sparsifier.masks.items())
-    assert_masked(sparsifier, optimizer)
+    params = sparsifier.topology.params.values()
+    assert all("momentum_buffer" in optimizer.state[p] for p in params)
+    check_invariants(sparsifier, optimizer)  # the momentum buffers masked too
 
 
 def test_compiled_training_matches_eager_exactly() -> None:
@@ -169,4 +153,6 @@ def test_inductor_trains_through_three_updates_like_eager() -> None:
     assert sparsifier.update_count == 3
     for fqn, mask in sparsifier.masks.items():
         assert torch.equal(mask, ref_sparsifier.masks[fqn])
-    assert_masked(sparsifier, optimizer)
+    params = sparsifier.topology.params.values()
+    assert all("momentum_buffer" in optimizer.state[p] for p in params)
+    check_invariants(sparsifier, optimizer)  # the momentum buffers masked too
