@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -47,15 +48,15 @@ def test_the_three_line_usage_trains(make: type[nn.Module]) -> None:
     assert (pruner.step, pruner.rigl_steps) == (50, 7)
 
 
-def test_uniform_keeps_the_first_layer_dense() -> None:
+def _cnn_pruner(**options: Any) -> RigLScheduler:
+    """``RigLScheduler`` on conftest's ``cnn`` at 10% density, ``T_end=10``."""
     model = cnn()
-    pruner = RigLScheduler(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        dense_allocation=0.1,
-        T_end=10,
-        ignore_linear_layers=False,
-    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return RigLScheduler(model, optimizer, dense_allocation=0.1, T_end=10, **options)
+
+
+def test_uniform_keeps_the_first_layer_dense() -> None:
+    pruner = _cnn_pruner(ignore_linear_layers=False)
     assert list(pruner.masks) == ["3.weight", "6.weight"]
     assert all(
         abs(s - 0.9) < 1e-12 for s in pruner.sparsifier.topology.sparsities.values()
@@ -63,27 +64,12 @@ def test_uniform_keeps_the_first_layer_dense() -> None:
 
 
 def test_ignore_linear_layers_keeps_linear_dense() -> None:
-    model = cnn()
-    pruner = RigLScheduler(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        dense_allocation=0.1,
-        T_end=10,
-        sparsity_distribution="ERK",
-    )
+    pruner = _cnn_pruner(sparsity_distribution="ERK")
     assert list(pruner.masks) == ["0.weight", "3.weight"]
 
 
 def test_erk_works() -> None:
-    model = cnn()
-    pruner = RigLScheduler(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        dense_allocation=0.1,
-        T_end=10,
-        sparsity_distribution="ERK",
-        ignore_linear_layers=False,
-    )
+    pruner = _cnn_pruner(sparsity_distribution="ERK", ignore_linear_layers=False)
     sparsities = pruner.sparsifier.topology.sparsities
     assert len(set(sparsities.values())) == 3
 
