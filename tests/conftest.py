@@ -155,3 +155,28 @@ def plain_copy(model: nn.Module, activation: type[nn.Module] = nn.ReLU) -> nn.Mo
     plain = small_mlp(activation).to(next(iter(model.state_dict().values())).dtype)
     plain.load_state_dict(model.state_dict())
     return plain
+
+
+def train_small_in_dtype(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sparsifier: st.Sparsifier,
+    dtype: torch.dtype,
+    steps: int = 4,
+) -> None:
+    """Train a ``small_sparse`` model (``update_interval=2``) on ``dtype`` inputs.
+
+    The outputs and the dense gradients captured before each update are
+    ``dtype``; the invariants (``.grad`` too) hold after every step.
+    """
+    for x, y in small_batches(steps):
+        optimizer.zero_grad()
+        out = model(x.to(dtype))
+        assert out.dtype == dtype
+        nn.functional.cross_entropy(out, y).backward()
+        if sparsifier.step_count % 2 == 1:  # the next step updates
+            for p in sparsifier.topology.parametrizations.values():
+                assert p.dense_grad is not None
+                assert p.dense_grad.dtype == dtype
+        optimizer.step()
+        check_invariants(sparsifier, optimizer, grads=True)

@@ -13,6 +13,7 @@ from conftest import (
     plain_copy,
     small_batches,
     small_sparse,
+    train_small_in_dtype,
     train_step,
 )
 from torch import Tensor, nn
@@ -230,15 +231,7 @@ def test_autocast_bf16_captures_fp32_dense_grads_and_keeps_invariants():
 def test_bf16_model_trains_with_bf16_dense_grads():
     model, optimizer, sparsifier = small_sparse(update_interval=2)
     model.to(torch.bfloat16)
-    for x, y in small_batches(4):
-        optimizer.zero_grad()
-        F.cross_entropy(model(x.bfloat16()), y).backward()
-        if sparsifier.step_count % 2 == 1:
-            for p in sparsifier.topology.parametrizations.values():
-                assert p.dense_grad is not None
-                assert p.dense_grad.dtype == torch.bfloat16
-        optimizer.step()
-        check_invariants(sparsifier, optimizer, grads=True)
+    train_small_in_dtype(model, optimizer, sparsifier, torch.bfloat16)
     assert sparsifier.update_count == 2
     assert all(m.dtype == torch.bool for m in sparsifier.masks.values())
 

@@ -17,6 +17,7 @@ from conftest import (
     small_mlp,
     small_sgd,
     small_sparse,
+    train_small_in_dtype,
     train_step,
 )
 from torch import Tensor, nn
@@ -159,17 +160,7 @@ def test_to_float64_after_sparsify_keeps_masks_params_and_invariants():
     assert {f: id(p) for f, p in sparsifier.topology.params.items()} == params
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert set(params.values()) <= held
-    for x, y in small_batches(4):
-        optimizer.zero_grad()
-        out = model(x.double())
-        assert out.dtype == torch.float64
-        F.cross_entropy(out, y).backward()
-        if sparsifier.step_count % 2 == 1:
-            for p in sparsifier.topology.parametrizations.values():
-                assert p.dense_grad is not None
-                assert p.dense_grad.dtype == torch.float64
-        optimizer.step()
-        check_invariants(sparsifier, optimizer, grads=True)
+    train_small_in_dtype(model, optimizer, sparsifier, torch.float64)
     assert sparsifier.update_count == 2
     x, _ = small_batches(1)[0]
     assert torch.equal(model(x.double()), plain_copy(model, nn.Tanh)(x.double()))
