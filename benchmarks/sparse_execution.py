@@ -111,6 +111,28 @@ def mlp(width: int, depth: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def sgd_mlp(
+    width: int, depth: int, static_sparsity: float | None = None
+) -> tuple[nn.Sequential, torch.optim.Optimizer]:
+    """``mlp(width, depth)`` and its SGD (momentum 0.9).
+
+    With ``static_sparsity``: sparsified by the static policy, in
+    ``execution="sparse"``.
+    """
+    model = mlp(width, depth)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    if static_sparsity is not None:
+        st.sparsify(
+            model,
+            optimizer,
+            policy="static",
+            sparsity=static_sparsity,
+            distribution="uniform",
+            execution="sparse",
+        )
+    return model, optimizer
+
+
 def train_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor
 ) -> Callable[[], None]:
@@ -131,8 +153,7 @@ def bench_train(
     steps: dict[str, Callable[[], None]] = {}
     update_steps: dict[str, list[float]] = {}
     for variant in ("dense", "mask", "sparse", "auto"):
-        model = mlp(width, depth)
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        model, optimizer = sgd_mlp(width, depth)
         if variant != "dense":
             sparsifier = st.sparsify(
                 model,
@@ -211,16 +232,7 @@ def bench_infer(
 
 def bench_memory(width: int, depth: int, sparsity: float) -> None:
     """Persistent state sparse mode adds, after two training steps."""
-    model = mlp(width, depth)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    st.sparsify(
-        model,
-        optimizer,
-        policy="static",
-        sparsity=sparsity,
-        distribution="uniform",
-        execution="sparse",
-    )
+    model, optimizer = sgd_mlp(width, depth, sparsity)
     x = torch.randn(128, width)
     for _ in range(2):
         train_step(model, optimizer, x)()
@@ -265,17 +277,9 @@ def bench_profile(width: int, depth: int, batch: int, sparsity: float) -> None:
     per_step: dict[str, dict[str, float]] = {}
     steps = 5
     for variant in ("dense", "sparse"):
-        model = mlp(width, depth)
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        if variant == "sparse":
-            st.sparsify(
-                model,
-                optimizer,
-                policy="static",
-                sparsity=sparsity,
-                distribution="uniform",
-                execution="sparse",
-            )
+        model, optimizer = sgd_mlp(
+            width, depth, sparsity if variant == "sparse" else None
+        )
         step = train_step(model, optimizer, x)
         for _ in range(3):
             step()
