@@ -466,12 +466,21 @@ def _tensors(roots: list[object]) -> Iterator[Tensor]:
         stack.extend(gc.get_referents(obj))
 
 
-def persistent_bytes(variant: Variant) -> int:
+def live_bytes(*roots: object) -> int:
+    """Bytes of the distinct storages of every tensor reachable from ``roots``.
+
+    tests/test_performance_invariants.py holds sparsetorch's persistent state to
+    exact byte counts with this same measure.
+    """
     storages = {}
-    for t in _tensors(variant.roots()):
+    for t in _tensors(list(roots)):
         s = t.untyped_storage()
         storages[s.data_ptr()] = s.nbytes()
     return sum(storages.values())
+
+
+def persistent_bytes(variant: Variant) -> int:
+    return live_bytes(*variant.roots())
 
 
 def step_peak_bytes(fn: Callable[[], None]) -> int:

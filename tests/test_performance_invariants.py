@@ -13,12 +13,9 @@
 
 from __future__ import annotations
 
-import gc
-import types
-from collections.abc import Iterator
-
 import pytest
 import torch
+from bench import live_bytes  # benchmarks/bench.py: its persistent-state measure
 from torch import Tensor, nn
 
 import sparsetorch as st
@@ -33,34 +30,6 @@ def selection(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     if request.param == "torch":
         monkeypatch.setattr(policies_base, "_np", None)
     return str(request.param)
-
-
-def _tensors(roots: list[object]) -> Iterator[Tensor]:
-    """Every tensor reachable from ``roots`` through Python objects, and grads."""
-    seen: set[int] = set()
-    stack = list(roots)
-    skip = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen or isinstance(obj, skip):
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, Tensor):
-            yield obj
-            if obj.grad is not None:
-                stack.append(obj.grad)
-            stack.extend(vars(obj).values())
-        elif not isinstance(obj, (str, bytes, int, float, bool)):
-            stack.extend(gc.get_referents(obj))
-
-
-def live_bytes(*roots: object) -> int:
-    """Bytes of the distinct storages of every tensor reachable from ``roots``."""
-    storages = {}
-    for t in _tensors(list(roots)):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-    return sum(storages.values())
 
 
 def mlp() -> nn.Sequential:
