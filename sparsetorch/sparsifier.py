@@ -331,6 +331,26 @@ class Sparsifier:
 
     # -- lifecycle and display ----------------------------------------------------
 
+    def apply_masks(self) -> None:
+        """Zero the stored weights and optimizer state outside the current masks.
+
+        sparsetorch keeps them zero on every path it controls. Call this after
+        writing a masked weight yourself, e.g. ``nn.init.normal_(layer.weight)``,
+        which writes through to the stored weight.
+
+        Example::
+
+            >>> import torch
+            >>> import sparsetorch as st
+            >>> layer = torch.nn.Linear(4, 4)
+            >>> sparsifier = st.sparsify(layer, policy="static", sparsity=0.5)
+            >>> _ = torch.nn.init.ones_(layer.weight)
+            >>> sparsifier.apply_masks()
+            >>> int(layer.weight.count_nonzero())
+            8
+        """
+        self.topology.apply_masks(self.optimizer)
+
     def remove(self) -> None:
         """Bake the masks into the weights and remove every parametrization and hook.
 

@@ -348,3 +348,19 @@ The checkpoint's tensors do not match this sparsifier's.
 missing from the checkpoint: []
 unexpected in the checkpoint: ['extra.weight']""",
     )
+
+
+def test_apply_masks_clears_weights_and_optimizer_state_written_outside_the_masks() -> None:
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = st.sparsify(model, optimizer, policy="static", sparsity=0.7)
+    x, y = batch(model)
+    train_step(model, optimizer, x, y)
+    with torch.no_grad():
+        for param in sparsifier.topology.params.values():
+            param.fill_(1.0)  # e.g. nn.init on module.weight writes through
+            optimizer.state[param]["momentum_buffer"].fill_(1.0)
+    sparsifier.apply_masks()
+    check_invariants(sparsifier, optimizer, model=model)
+    for fqn, mask in sparsifier.masks.items():
+        assert torch.all(sparsifier.topology.params[fqn][mask] == 1.0)
