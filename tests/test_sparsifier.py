@@ -350,7 +350,9 @@ unexpected in the checkpoint: ['extra.weight']""",
     )
 
 
-def test_apply_masks_clears_weights_and_optimizer_state_written_outside_the_masks() -> None:
+def test_apply_masks_clears_weights_and_optimizer_state_written_outside_the_masks() -> (
+    None
+):
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sparsifier = st.sparsify(model, optimizer, policy="static", sparsity=0.7)
