@@ -9,14 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-data=/usr/share/datasets/fashion-mnist
-if [[ -z "${SPARSETORCH_DATA:-}" && ! -f "$data/t10k-labels-idx1-ubyte.gz" ]] \
-    && [[ " $* " != *" --data-dir "* ]] && command -v apt-get >/dev/null; then
-    sudo=""
-    if [[ "$(id -u)" != 0 ]] && command -v sudo >/dev/null; then sudo="sudo"; fi
-    { $sudo apt-get update -qq && $sudo apt-get install -y -qq dataset-fashion-mnist; } \
-        || echo "note: apt-get could not install dataset-fashion-mnist;" \
-            "the example will look elsewhere and say what to do" >&2
+if [[ -z "${SPARSETORCH_DATA:-}" && " $* " != *" --data-dir "* ]]; then
+    bash scripts/install_fashion_mnist.sh
 fi
 
 [[ -x .venv/bin/python ]] || python3 -m venv .venv
