@@ -200,6 +200,7 @@ class DenseCompiled(Variant):
 
 class Sparsetorch(Variant):
     name = "sparsetorch"
+    execution = "mask"
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -213,6 +214,7 @@ class Sparsetorch(Variant):
             end_step=NEVER + 1,
             drop_fraction=DROP_FRACTION,
             drop_schedule="constant",
+            execution=self.execution,
         )
         self.masked = sum(m.numel() for m in self.sparsifier.masks.values())
 
@@ -233,6 +235,11 @@ class Sparsetorch(Variant):
 
     def roots(self) -> list[object]:
         return [*super().roots(), self.sparsifier]
+
+
+class SparsetorchAuto(Sparsetorch):
+    name = "sparsetorch auto"
+    execution = "auto"
 
 
 class SparsetorchCompiled(Sparsetorch):
@@ -435,6 +442,7 @@ class RigLTorch(Variant):
 VARIANTS: list[type[Variant]] = [
     MaskPass,
     Sparsetorch,
+    SparsetorchAuto,
     SparsetorchCompiled,
     DenseCompiled,
     FloatMask,

@@ -39,7 +39,8 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd import forward_ad
+from torch.autograd.function import FunctionCtx
 from torch.nn.utils import parametrize
 
 from sparsetorch.parametrization import MaskParametrization
@@ -61,6 +62,7 @@ __all__ = [
 EXECUTIONS = ("mask", "sparse", "auto")
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
+_PLAIN = (Tensor, nn.Parameter)
 
 
 def check_execution(execution: object) -> str:
@@ -157,6 +159,57 @@ def sparse_is_faster(
     return False
 
 
+@dataclass(frozen=True)
+class _Kernels:
+    """Which products of one call of a layer are sparse.
+
+    ``forward``: ``W x``; ``input_grad``: ``W.T g``; ``weight_grad``: ``g.T x``
+    at the active positions only (``torch.sparse.sampled_addmm``). The others
+    are dense products on the stored weight, which is zero outside the mask;
+    a dense weight gradient is masked by the parametrization's hook, as in
+    mask mode.
+    """
+
+    forward: bool
+    input_grad: bool = False
+    weight_grad: bool = False
+
+    @property
+    def any(self) -> bool:
+        return self.forward or self.input_grad or self.weight_grad
+
+
+_ALL_SPARSE = _Kernels(forward=True, input_grad=True, weight_grad=True)
+_ALL_DENSE = _Kernels(forward=False)
+
+
+def _choose_kernels(
+    out_features: int,
+    in_features: int,
+    nnz: int,
+    rows: int,
+    *,
+    training: bool,
+    device: str,
+) -> _Kernels:
+    """Which products of one ``"auto"`` call run sparse (see :data:`AUTO_RULES`).
+
+    A call that :func:`sparse_is_faster` finds faster wholly sparse runs so. A
+    training call that does not still runs its forward and input gradient as
+    sparse products where the inference rules find the forward faster sparse
+    (the input gradient is the same product, transposed, with the same ``nnz``
+    and ``rows``), and only its weight gradient dense.
+    """
+    if sparse_is_faster(
+        out_features, in_features, nnz, rows, training=training, device=device
+    ):
+        return _ALL_SPARSE if training else _Kernels(forward=True)
+    products = training and sparse_is_faster(
+        out_features, in_features, nnz, rows, training=False, device=device
+    )
+    return _Kernels(forward=products, input_grad=products)
+
+
 # -- the compressed structure ----------------------------------------------------------
 
 
@@ -171,10 +224,10 @@ class _Plan:
     mask: Tensor  # the mask it was built from (identity and version are the key)
     version: int
     shape: tuple[int, int]  # (out, in)
-    index: Tensor  # (nnz,) int64: flat positions of the active weights, row-major
+    index: Tensor  # (nnz,): flat positions of the active weights, row-major
     crow: Tensor  # (out + 1,)
     col: Tensor  # (nnz,)
-    perm: Tensor  # (nnz,) int64: W.T's CSR order as positions in `index`
+    perm: Tensor  # (nnz,): W.T's CSR order as positions in `index`
     crow_t: Tensor  # (in + 1,)
     col_t: Tensor  # (nnz,)
 
@@ -194,7 +247,7 @@ class _Plan:
         return torch.sparse_csr_tensor(
             self.crow_t,
             self.col_t,
-            values[self.perm],
+            values.index_select(0, self.perm),
             (self.shape[1], self.shape[0]),
             check_invariants=False,
         )
@@ -220,7 +273,8 @@ def _build_plan(mask: Tensor) -> _Plan:
     out, inp = mask.shape
     index = mask.flatten().nonzero().flatten()  # row-major: CSR order
     rows, cols = index.div(inp, rounding_mode="floor"), index.remainder(inp)
-    itype = torch.int32 if mask.numel() < 2**31 else torch.int64  # (fewer copies)
+    # int32 wherever it fits: half the memory (and fewer copies in the kernels)
+    itype = torch.int32 if mask.numel() < 2**31 else torch.int64
     crow = torch.zeros(out + 1, dtype=itype, device=mask.device)
     crow[1:] = torch.bincount(rows, minlength=out).cumsum(0)
     index_t = mask.t().flatten().nonzero().flatten()  # = c * out + r, (c, r) order
@@ -232,10 +286,10 @@ def _build_plan(mask: Tensor) -> _Plan:
         mask=mask,
         version=mask._version,
         shape=(out, inp),
-        index=index,
+        index=index.to(itype),
         crow=crow,
         col=cols.to(itype),
-        perm=perm,
+        perm=perm.to(itype),
         crow_t=crow_t,
         col_t=rows_t.to(itype),
     )
@@ -250,7 +304,7 @@ def _sparse_linear(
     """``F.linear`` on the active weights; returns ``(output, x, values)``."""
     out, inp = plan.shape
     x = input.reshape(-1, inp)  # (rows, in)
-    values = weight.detach().reshape(-1).index_select(0, plan.index)  # (nnz,)
+    values = _gather(weight, plan)
     y = torch.sparse.mm(plan.csr(values), x.detach().t())  # (out, rows)
     if bias is not None:
         y = y.add_(bias.detach().unsqueeze(1))
@@ -258,8 +312,13 @@ def _sparse_linear(
     return output, x, values
 
 
+def _gather(weight: Tensor, plan: _Plan) -> Tensor:
+    """The active weights in CSR order: ``(nnz,)``."""
+    return weight.detach().reshape(-1).index_select(0, plan.index)
+
+
 class _SparseLinearFunction(torch.autograd.Function):
-    """``F.linear`` on the active weights of a masked stored weight."""
+    """``F.linear`` on a masked stored weight, with sparse kernels where chosen."""
 
     @staticmethod
     def forward(
@@ -270,36 +329,58 @@ class _SparseLinearFunction(torch.autograd.Function):
         plan: _Plan,
         owner: MaskParametrization,
         buffer: _GradBuffer,
+        kernels: _Kernels,
     ) -> Tensor:
-        output, x, values = _sparse_linear(input, weight, bias, plan)
-        ctx.save_for_backward(x, values)
+        if kernels.forward:
+            output, x, values = _sparse_linear(input, weight, bias, plan)
+        else:
+            output = nn.functional.linear(input, weight, bias)
+            x = input.reshape(-1, weight.shape[1])
+            values = _gather(weight, plan)
+        ctx.save_for_backward(x, weight, values)
         ctx.plan = plan  # type: ignore[attr-defined]
         ctx.owner = owner  # type: ignore[attr-defined]
         ctx.buffer = buffer  # type: ignore[attr-defined]
+        ctx.kernels = kernels  # type: ignore[attr-defined]
         ctx.input_shape = input.shape  # type: ignore[attr-defined]
         return output
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        x, values = ctx.saved_tensors
+        x, weight, values = ctx.saved_tensors
         plan: _Plan = ctx.plan
         owner: MaskParametrization = ctx.owner
-        out, inp = plan.shape
+        kernels: _Kernels = ctx.kernels
+        out, inp = weight.shape
         g = grad_output.reshape(-1, out)  # (rows, out)
-        g_t = g.t().contiguous()  # (out, rows): what both sparse kernels read
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): F.linear's own formulas, which are
+            # differentiable; the parametrization's hook masks the weight's.
+            return (
+                g.mm(weight).view(ctx.input_shape),
+                g.t().mm(x),
+                g.sum(0) if ctx.needs_input_grad[2] else None,
+                *(None,) * 4,
+            )
         grad_input = grad_weight = grad_bias = None
+        g_t = None
         if ctx.needs_input_grad[0]:
-            grad_input = torch.sparse.mm(plan.csr_t(values), g_t)  # (in, rows)
-            # Row-major like F.linear's: elementwise backward ops before this
-            # layer (ReLU's, say) take a slow path on mixed layouts.
-            grad_input = grad_input.t().contiguous().view(ctx.input_shape)
+            if kernels.input_grad:
+                g_t = g.t().contiguous()  # (out, rows): what the sparse kernels read
+                grad_input = torch.sparse.mm(plan.csr_t(values), g_t)  # (in, rows)
+                # Row-major like F.linear's: elementwise backward ops before this
+                # layer (ReLU's, say) take a slow path on mixed layouts.
+                grad_input = grad_input.t().contiguous().view(ctx.input_shape)
+            else:
+                grad_input = g.mm(weight).view(ctx.input_shape)
         if ctx.needs_input_grad[1]:
-            if owner.capturing:
+            if owner.capturing or not kernels.weight_grad:
                 # RigL needs the dense gradient: compute it as mask mode does and
                 # let the parametrization's hooks capture and mask it.
                 grad_weight = g.t().mm(x)  # (out, in)
             else:
+                if g_t is None:
+                    g_t = g.t().contiguous()
                 active = torch.sparse.sampled_addmm(
                     plan.csr(values), g_t, x, beta=0.0
                 ).values()  # (nnz,): (g.T @ x) at the active positions only
@@ -308,7 +389,7 @@ class _SparseLinearFunction(torch.autograd.Function):
                 owner.mark_grad_masked(grad_weight)
         if ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
-        return grad_input, grad_weight, grad_bias, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None
 
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
@@ -353,7 +434,7 @@ class _GradBuffer:
             if flat._version != self._version or self._written is None:
                 flat.zero_()
             elif self._written is not index:
-                flat.index_fill_(0, self._written, 0)
+                flat.scatter_(0, self._written, 0.0)
             # else: `index` holds the only nonzeros, which are overwritten
         else:
             self.flat = flat = values.new_zeros(numel)
@@ -366,19 +447,21 @@ class _GradBuffer:
 
 
 class SparseExecution:
-    """The forward of one sparsified ``nn.Linear`` in ``"sparse"`` or ``"auto"`` mode.
+    """The forward of one sparsified ``nn.Linear`` that runs sparsetorch's kernels.
 
     Installed as the module's ``forward`` (an instance attribute, so the class
     and every other module are untouched) by :func:`set_execution`; removing it
     restores the plain forward. It reads ``module.weight`` through the
-    parametrization as mask mode does (so stale weights are re-masked first),
-    then runs the sparse path or ``F.linear``.
+    parametrization as the plain forward does (so stale weights are re-masked
+    first), then runs sparsetorch's kernels or ``F.linear``. ``sparse_calls``
+    counts the calls that ran any of sparsetorch's kernels, ``dense_calls`` the
+    plain ones.
 
     Args:
         module: the parametrized ``nn.Linear``.
         parametrization: its :class:`~sparsetorch.MaskParametrization`.
-        mode: ``"sparse"`` (always, where supported) or ``"auto"`` (where
-            :func:`sparse_is_faster` predicts a win).
+        mode: ``"sparse"`` (always, where supported) or ``"auto"`` (each
+            product of a call where the measured rules predict a win).
 
     Example::
 
@@ -409,26 +492,37 @@ class SparseExecution:
         self._nnz_of: Tensor | None = None  # the mask _nnz was counted on
         self._nnz_version = -1
         self._nnz = 0
-        self._decisions: dict[tuple[int, bool, str], bool] = {}
+        self._decisions: dict[tuple[int, bool, str], _Kernels | None] = {}
 
     def __call__(self, input: Tensor) -> Tensor:
         module = self.module
         if not parametrize.is_parametrized(module, "weight"):
             del module.__dict__["forward"]  # the parametrization is gone
             return cast(Tensor, module(input))
+        if torch.compiler.is_compiling():
+            # Compiled code keeps mask mode's plain call (inductor fuses around it).
+            return nn.functional.linear(input, module.weight, module.bias)
         if self.parametrization._masked_grad is not None:
             self.parametrization.mark_grad_masked(None)  # forget an unused mark
         weight = module.weight  # through the parametrization: re-masks if stale
-        if not self._use_sparse(input, weight):
+        training = torch.is_grad_enabled() and _needs_grad(input, weight, module.bias)
+        kernels = self._kernels(input, weight, training)
+        if kernels is None:
             self.dense_calls += 1
             return nn.functional.linear(input, weight, module.bias)
         self.sparse_calls += 1
         plan = self._plan()
-        if not (torch.is_grad_enabled() and _needs_grad(input, weight, module.bias)):
+        if not training:
             return _sparse_linear(input, weight, module.bias, plan)[0]
         apply = cast(Callable[..., Tensor], _SparseLinearFunction.apply)
         return apply(
-            input, weight, module.bias, plan, self.parametrization, self.grad_buffer
+            input,
+            weight,
+            module.bias,
+            plan,
+            self.parametrization,
+            self.grad_buffer,
+            kernels,
         )
 
     def _plan(self) -> _Plan:
@@ -438,9 +532,20 @@ class SparseExecution:
             self.rebuilds += 1
         return self.plan
 
-    def _use_sparse(self, input: Tensor, weight: Tensor) -> bool:
-        if self.mode == "auto" and not self._auto(input, weight):
-            return False  # (decided first: the mask-mode path stays cheap)
+    def _kernels(
+        self, input: Tensor, weight: Tensor, training: bool
+    ) -> _Kernels | None:
+        """What this call runs sparse; ``None``: the plain ``F.linear``.
+
+        Without a gradient to compute only the forward matters, so any choice
+        that is not ``None`` means a sparse forward.
+        """
+        if self.mode == "sparse":
+            kernels: _Kernels | None = _ALL_SPARSE
+        else:
+            kernels = self._auto(input, weight, training)
+            if kernels is None:
+                return None  # (decided first: the plain path stays cheap)
         why = _unsupported(input, weight)
         if why is not None:
             if self.mode == "sparse" and not self._warned:
@@ -451,11 +556,11 @@ class SparseExecution:
                     RuntimeWarning,
                     stacklevel=3,
                 )
-            return False
-        return True
+            return None
+        return kernels
 
-    def _auto(self, input: Tensor, weight: Tensor) -> bool:
-        """:func:`sparse_is_faster` for this call, cached per mask version."""
+    def _auto(self, input: Tensor, weight: Tensor, training: bool) -> _Kernels | None:
+        """:func:`_choose_kernels` for this call, cached per mask version."""
         mask = self.parametrization.mask
         if self._nnz_of is not mask or self._nnz_version != mask._version:
             self._nnz_of, self._nnz_version = mask, mask._version
@@ -463,17 +568,20 @@ class SparseExecution:
             self._decisions.clear()
         out, inp = weight.shape
         rows = input.numel() // max(inp, 1)
-        training = weight.requires_grad and torch.is_grad_enabled()
         key = (rows, training, weight.device.type)
-        decision = self._decisions.get(key)
-        if decision is None:
+        if key not in self._decisions:
             if len(self._decisions) >= 256:  # many input shapes: start over
                 self._decisions.clear()
-            decision = sparse_is_faster(
-                out, inp, self._nnz, rows, training=training, device=key[2]
+            kernels = _choose_kernels(
+                out,
+                inp,
+                self._nnz,
+                rows,
+                training=training,
+                device=key[2],
             )
-            self._decisions[key] = decision
-        return decision
+            self._decisions[key] = kernels if kernels.any else None
+        return self._decisions[key]
 
     def __repr__(self) -> str:
         return (
@@ -496,6 +604,10 @@ def _unsupported(input: Tensor, weight: Tensor) -> str | None:
         )
     if torch.is_autocast_enabled(weight.device.type):
         return "autocast is enabled"
+    if type(weight) not in _PLAIN or type(input) not in _PLAIN:
+        return "the weight or input is a tensor subclass"
+    if forward_ad._current_level >= 0:
+        return "forward-mode AD is active"
     if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
         return "the input does not fit the weight"
     if input.numel() == 0:
