@@ -156,3 +156,34 @@ def test_inductor_trains_through_three_updates_like_eager() -> None:
     params = sparsifier.topology.params.values()
     assert all("momentum_buffer" in optimizer.state[p] for p in params)
     check_invariants(sparsifier, optimizer)  # the momentum buffers masked too
+
+
+def test_auto_execution_compiles_to_one_graph_of_plain_calls() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    eager = copy.deepcopy(model)
+    runs = []
+    for m, execution in ((model, "auto"), (eager, "mask")):
+        optimizer = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        sparsifier = st.sparsify(
+            m, optimizer, policy="rigl", sparsity=0.9, distribution="uniform",
+            update_interval=3, end_step=100, execution=execution,
+        )  # fmt: skip
+        runs.append((m, optimizer, sparsifier))
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(10):
+        x = torch.randn(32, 512, generator=g)
+        y = torch.randint(0, 10, (32,), generator=g)
+        for forward, (_, optimizer, sparsifier) in zip(
+            (compiled, eager), runs, strict=True
+        ):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(forward(x), y).backward()
+            optimizer.step()
+            check_invariants(sparsifier, optimizer, grads=True)
+    assert runs[0][2].update_count == runs[1][2].update_count == 3
+    assert counter.frame_count == 1  # fullgraph: no break, no recompile
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value)
