@@ -24,7 +24,9 @@ Per workload and variant the table gives:
   (persistent state plus the step's own allocations, from the profiler's
   allocation events).
 
-Variants: ``dense`` (the baseline), ``sparsetorch`` (eager), ``dense+compile``
+Variants: ``dense`` (the baseline), ``sparsetorch`` (eager, the default
+``execution="mask"``), ``sparsetorch auto`` (eager, ``execution="auto"``: sparse
+products where they win, see ``docs/sparse_execution.md``), ``dense+compile``
 and ``sparsetorch+compile`` (``torch.compile`` of the model), ``float-mask``
 (``torch.nn.utils.parametrize`` with ``X * mask`` and a float mask, what
 ``torch.ao.pruning``'s ``FakeSparsity`` does, with a plain RigL update written
@@ -65,6 +67,7 @@ from torch.nn.utils import parametrize
 from torch.profiler import ProfilerActivity, profile
 
 import sparsetorch as st
+from sparsetorch.execution import SparseExecution
 
 SPARSITY = 0.9
 DROP_FRACTION = 0.3
@@ -240,6 +243,15 @@ class Sparsetorch(Variant):
 class SparsetorchAuto(Sparsetorch):
     name = "sparsetorch auto"
     execution = "auto"
+
+    def update(self) -> None:
+        super().update()
+        # The compressed structure of each changed mask is rebuilt at the next
+        # forward: part of what an update costs in this mode.
+        for module in self.model.modules():
+            forward = module.__dict__.get("forward")
+            if isinstance(forward, SparseExecution):
+                forward._plan()
 
 
 class SparsetorchCompiled(Sparsetorch):

@@ -277,21 +277,22 @@ def _build_plan(mask: Tensor) -> _Plan:
     itype = torch.int32 if mask.numel() < 2**31 else torch.int64
     crow = torch.zeros(out + 1, dtype=itype, device=mask.device)
     crow[1:] = torch.bincount(rows, minlength=out).cumsum(0)
-    index_t = mask.t().flatten().nonzero().flatten()  # = c * out + r, (c, r) order
-    rows_t, cols_t = index_t.remainder(out), index_t.div(out, rounding_mode="floor")
-    perm = torch.searchsorted(index, rows_t * inp + cols_t)
+    # W.T's CSR order is by column, then row: a stable sort of the columns of
+    # W's row-major entries gives it, as positions in W's order.
+    cols = cols.to(itype)
+    perm = torch.sort(cols, stable=True).indices
     crow_t = torch.zeros(inp + 1, dtype=itype, device=mask.device)
-    crow_t[1:] = torch.bincount(cols_t, minlength=inp).cumsum(0)
+    crow_t[1:] = torch.bincount(cols, minlength=inp).cumsum(0)
     return _Plan(
         mask=mask,
         version=mask._version,
         shape=(out, inp),
         index=index.to(itype),
         crow=crow,
-        col=cols.to(itype),
+        col=cols,
         perm=perm.to(itype),
         crow_t=crow_t,
-        col_t=rows_t.to(itype),
+        col_t=rows.index_select(0, perm).to(itype),
     )
 
 
