@@ -53,6 +53,8 @@ import sparsetorch as st
 from sparsetorch.execution import (
     SparseExecution,
     SparseLinear,
+    _choose_kernels,
+    _Kernels,
     export_sparse,
     sparse_is_faster,
 )
@@ -392,16 +394,26 @@ def bench_grid(
                 block=5,
             )
             nnz = round(density * out_f * in_f)
-            auto_train = sparse_is_faster(out_f, in_f, nnz, batch, training=True)
+            kernels = _choose_kernels(
+                out_f, in_f, nnz, batch, training=True, device="cpu"
+            )
             auto_infer = sparse_is_faster(out_f, in_f, nnz, batch, training=False)
             t_mask, t_sparse = train["mask"][1], train["sparse"][1]
             t_auto, i_sparse = train["auto"][1], infer["sparse"][1]
             print(
                 f"| {out_f}x{in_f} | {density:.0%} | {t_mask:.2f} | {t_sparse:.2f} "
                 f"| {t_auto:.2f} | {t_auto / t_mask:.2f} "
-                f"| {_choice(auto_train, t_sparse < t_mask)} | {i_sparse:.2f} "
+                f"| {_train_choice(kernels, t_sparse < t_mask)} | {i_sparse:.2f} "
                 f"| {_choice(auto_infer, i_sparse < 1)} |"
             )
+
+
+def _train_choice(kernels: _Kernels, sparse_won: bool) -> str:
+    if kernels.weight_grad:
+        return _choice(True, sparse_won)
+    if kernels.forward:
+        return "products"  # sparse forward and input gradient: see auto / mask
+    return _choice(False, sparse_won)
 
 
 def _choice(auto_sparse: bool, sparse_won: bool) -> str:

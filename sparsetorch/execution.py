@@ -49,6 +49,7 @@ from sparsetorch.topology import Topology
 __all__ = [
     "AUTO_RULES",
     "EXECUTIONS",
+    "PRODUCT_RULES",
     "SparseExecution",
     "SparseLinear",
     "check_execution",
@@ -183,6 +184,18 @@ _ALL_SPARSE = _Kernels(forward=True, input_grad=True, weight_grad=True)
 _ALL_DENSE = _Kernels(forward=False)
 
 
+#: ``(min_rows, min_numel, max_density)``: a training call that does not run
+#: wholly sparse under :data:`AUTO_RULES` still runs its forward and input
+#: gradient as sparse products (its weight gradient dense) when the first row
+#: with ``rows >= min_rows`` and ``out * in >= min_numel`` allows its density.
+#: Measured on CPU with one thread (``benchmarks/sparse_execution.py grid``,
+#: the ``auto / mask`` column) and set below the crossovers, as the rules above.
+PRODUCT_RULES: tuple[tuple[int, int, float], ...] = (
+    (128, 1 << 19, 0.10),
+    (16, 1 << 21, 0.10),
+)
+
+
 def _choose_kernels(
     out_features: int,
     in_features: int,
@@ -195,19 +208,22 @@ def _choose_kernels(
     """Which products of one ``"auto"`` call run sparse (see :data:`AUTO_RULES`).
 
     A call that :func:`sparse_is_faster` finds faster wholly sparse runs so. A
-    training call that does not still runs its forward and input gradient as
-    sparse products where the inference rules find the forward faster sparse
-    (the input gradient is the same product, transposed, with the same ``nnz``
-    and ``rows``), and only its weight gradient dense.
+    training call that does not still runs its forward and input gradient (the
+    same sparse-dense product, transposed) sparse where :data:`PRODUCT_RULES`
+    allow, and only its weight gradient dense.
     """
     if sparse_is_faster(
         out_features, in_features, nnz, rows, training=training, device=device
     ):
         return _ALL_SPARSE if training else _Kernels(forward=True)
-    products = training and sparse_is_faster(
-        out_features, in_features, nnz, rows, training=False, device=device
-    )
-    return _Kernels(forward=products, input_grad=products)
+    if not training or device != "cpu" or nnz >= out_features * in_features:
+        return _ALL_DENSE
+    numel = out_features * in_features
+    for min_rows, min_numel, max_density in PRODUCT_RULES:
+        if rows >= min_rows and numel >= min_numel:
+            products = nnz <= round(max_density * numel)
+            return _Kernels(forward=products, input_grad=products)
+    return _ALL_DENSE
 
 
 # -- the compressed structure ----------------------------------------------------------

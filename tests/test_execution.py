@@ -452,7 +452,11 @@ def test_auto_splits_a_call_into_sparse_products_and_a_dense_weight_gradient() -
     # (out, in, density, rows, training) -> (forward, input_grad, weight_grad)
     cases = {
         (1024, 784, 0.10, 256, True): (True, True, False),  # W1's first layer
+        (1024, 512, 0.10, 128, True): (True, True, False),
         (2048, 2048, 0.10, 128, True): (True, True, False),
+        (2048, 2048, 0.10, 16, True): (True, True, False),
+        (1024, 1024, 0.10, 16, True): (False, False, False),  # small for 16 rows
+        (512, 512, 0.10, 128, True): (False, False, False),  # small
         (2048, 2048, 0.05, 128, True): (True, True, True),  # wholly sparse
         (2048, 2048, 0.10, 128, False): (True, False, False),  # inference
         (2048, 2048, 0.20, 128, True): (False, False, False),
@@ -470,7 +474,7 @@ def test_auto_splits_a_call_into_sparse_products_and_a_dense_weight_gradient() -
 
 def big_runs(execution: str) -> tuple[nn.Module, torch.optim.Optimizer, st.Sparsifier]:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    model = nn.Sequential(nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sparsifier = st.sparsify(
         model, optimizer, policy="rigl", sparsity=0.9, distribution="uniform",
@@ -480,13 +484,13 @@ def big_runs(execution: str) -> tuple[nn.Module, torch.optim.Optimizer, st.Spars
 
 
 def test_auto_sparse_products_with_dense_weight_gradient_match_mask_mode() -> None:
-    # 512x512 at 10% density, 32 rows: forward and input gradient sparse, the
+    # 1024x512 at 10% density, 128 rows: forward and input gradient sparse, the
     # weight gradient dense and masked by the hook (see the test above).
     runs = {e: big_runs(e) for e in ("mask", "auto")}
     g = torch.Generator().manual_seed(1)
     for _ in range(9):
-        x = torch.randn(32, 512, generator=g, requires_grad=True)
-        y = torch.randint(0, 10, (32,), generator=g)
+        x = torch.randn(128, 1024, generator=g, requires_grad=True)
+        y = torch.randint(0, 10, (128,), generator=g)
         grads = {}
         for execution, (model, optimizer, sparsifier) in runs.items():
             x.grad = None
@@ -507,9 +511,10 @@ def test_auto_sparse_products_with_dense_weight_gradient_match_mask_mode() -> No
     assert (big.sparse_calls, big.dense_calls, big.rebuilds) == (9, 0, 3)
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script.* is deprecated")  # torch's AD
 def test_sparse_layers_support_double_backward_and_forward_ad() -> None:
     runs = {e: big_runs(e) for e in ("mask", "auto", "sparse")}
-    x = torch.randn(32, 512, requires_grad=True)
+    x = torch.randn(128, 1024, requires_grad=True)
     penalties = {}
     for execution, (model, _, _) in runs.items():
         (gx,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
@@ -519,7 +524,7 @@ def test_sparse_layers_support_double_backward_and_forward_ad() -> None:
     for execution in ("auto", "sparse"):
         for got, want in zip(penalties[execution], penalties["mask"], strict=True):
             torch.testing.assert_close(got, want, **TOL)
-    tangent = torch.randn(32, 512)
+    tangent = torch.randn(128, 1024)
     jvps = {}
     for execution, (model, _, _) in runs.items():
         with (
