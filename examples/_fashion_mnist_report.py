@@ -321,7 +321,8 @@ def render_markdown(
         "and epochs were picked for the dense baseline; the update interval, drop "
         "fraction and sparsity-aware initialisation for RigL; every row then uses "
         "the same values. Runs share the machine with other work, so wall times are "
-        "indicative.",
+        "indicative. What was tried to close RigL's gap to dense at 90%, with the "
+        "commands: [results/gap.md](results/gap.md).",
         "",
         "*Overall sparsity* is measured on the final masks over all Linear/Conv "
         "weights (biases are dense). `uniform-first-dense` is rigl-torch's "

@@ -43,7 +43,7 @@ from torch.autograd import forward_ad
 from torch.autograd.function import FunctionCtx
 from torch.nn.utils import parametrize
 
-from sparsetorch.parametrization import MaskParametrization
+from sparsetorch.parametrization import MaskParametrization, _np
 from sparsetorch.topology import Topology
 
 __all__ = [
@@ -287,28 +287,33 @@ def _silence_beta_warning() -> None:
 def _build_plan(mask: Tensor) -> _Plan:
     _silence_beta_warning()
     out, inp = mask.shape
-    index = mask.flatten().nonzero().flatten()  # row-major: CSR order
-    rows, cols = index.div(inp, rounding_mode="floor"), index.remainder(inp)
     # int32 wherever it fits: half the memory (and fewer copies in the kernels)
     itype = torch.int32 if mask.numel() < 2**31 else torch.int64
+    if _np is not None and mask.device.type == "cpu" and mask.is_contiguous():
+        # numpy's nonzero is 3-4x faster than torch's on the CPU
+        index = torch.from_numpy(_np.flatnonzero(mask.numpy())).to(itype)
+    else:
+        index = mask.flatten().nonzero().flatten().to(itype)  # row-major: CSR order
+    rows, cols = index.div(inp, rounding_mode="floor"), index.remainder(inp)
     crow = torch.zeros(out + 1, dtype=itype, device=mask.device)
     crow[1:] = torch.bincount(rows, minlength=out).cumsum(0)
     # W.T's CSR order is by column, then row: a stable sort of the columns of
-    # W's row-major entries gives it, as positions in W's order.
-    cols = cols.to(itype)
-    perm = torch.sort(cols, stable=True).indices
+    # W's row-major entries gives it, as positions in W's order (on 16-bit keys
+    # where the columns fit: a radix sort, twice as fast).
+    keys = cols.to(torch.int16) if inp <= 2**15 else cols
+    perm = torch.sort(keys, stable=True).indices.to(itype)
     crow_t = torch.zeros(inp + 1, dtype=itype, device=mask.device)
     crow_t[1:] = torch.bincount(cols, minlength=inp).cumsum(0)
     return _Plan(
         mask=mask,
         version=mask._version,
         shape=(out, inp),
-        index=index.to(itype),
+        index=index,
         crow=crow,
         col=cols,
-        perm=perm.to(itype),
+        perm=perm,
         crow_t=crow_t,
-        col_t=rows.index_select(0, perm).to(itype),
+        col_t=rows.index_select(0, perm),
     )
 
 
