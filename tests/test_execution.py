@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsetorch as st
+from sparsetorch import execution as execution_module
 from sparsetorch.execution import (
     SparseExecution,
     SparseLinear,
@@ -678,3 +679,19 @@ def test_ddp_sparse_ranks_match_a_single_process_mask_mode_run(
             assert torch.equal(result["masks"][fqn], mask), fqn
         for key, value in model.state_dict().items():
             torch.testing.assert_close(result["weights"][key], value, **TOL)
+
+
+def test_plan_is_the_same_with_and_without_numpy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    mask = torch.rand(96, 70, generator=torch.Generator().manual_seed(0)) < 0.2
+    with_numpy = execution_module._build_plan(mask)
+    monkeypatch.setattr(execution_module, "_np", None)
+    without = execution_module._build_plan(mask)
+    weight = torch.randn(96, 70) * mask
+    for plan in (with_numpy, without):
+        values = weight.flatten()[plan.index]
+        assert torch.equal(plan.csr(values).to_dense(), weight)
+        assert torch.equal(plan.csr_t(values).to_dense(), weight.t())
+    for field in ("index", "crow", "col", "perm", "crow_t", "col_t"):
+        assert torch.equal(getattr(with_numpy, field), getattr(without, field))
