@@ -243,12 +243,9 @@ def bench_memory(width: int, depth: int, sparsity: float) -> None:
         forward = module.__dict__.get("forward")
         if isinstance(forward, SparseExecution) and forward.plan is not None:
             plan = forward.plan
-            plan_bytes += (
-                sum(
-                    t.numel() * t.element_size()
-                    for t in (plan.index, plan.crow, plan.col, plan.perm, plan.crow_t)
-                )
-                + plan.col_t.numel() * plan.col_t.element_size()
+            plan_bytes += sum(
+                t.numel() * t.element_size()
+                for t in (plan.index, plan.crow, plan.col, *(plan.transposed or ()))
             )
             flat = forward.grad_buffer.flat
             buffer_bytes += 0 if flat is None else flat.numel() * flat.element_size()

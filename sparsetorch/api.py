@@ -90,7 +90,9 @@ def sparsify(
         execution: how masked ``nn.Linear`` layers compute: ``"mask"`` (dense
             compute on the masked weight), ``"sparse"`` (compressed weights:
             faster at high sparsity, see ``docs/sparse_execution.md``) or
-            ``"auto"`` (sparse only where predicted faster). Results agree up to
+            ``"auto"`` (each product of a call sparse only where predicted
+            faster; an index of the active weights, 8-16 bytes each, is
+            kept for the layers it may run sparse). Results agree up to
             float rounding; the stored weights, optimizer and state dicts are the
             same. Default: ``"mask"``.
 

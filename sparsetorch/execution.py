@@ -231,10 +231,12 @@ def _choose_kernels(
 
 @dataclass(eq=False)
 class _Plan:
-    """The compressed structure of one mask: CSR of ``W`` and of ``W.T``.
+    """The compressed structure of one mask: CSR of ``W``, and of ``W.T`` on demand.
 
     ``values = weight.flatten()[index]`` are ``W``'s CSR values (row-major), and
-    ``values[perm]`` are ``W.T``'s.
+    ``values[perm]`` are ``W.T``'s. ``W.T``'s structure (``perm``, ``crow_t``,
+    ``col_t``) is built at the first input gradient that needs it: a first layer,
+    whose input needs no gradient, never holds it.
     """
 
     mask: Tensor  # the mask it was built from (identity and version are the key)
@@ -243,9 +245,7 @@ class _Plan:
     index: Tensor  # (nnz,): flat positions of the active weights, row-major
     crow: Tensor  # (out + 1,)
     col: Tensor  # (nnz,)
-    perm: Tensor  # (nnz,): W.T's CSR order as positions in `index`
-    crow_t: Tensor  # (in + 1,)
-    col_t: Tensor  # (nnz,)
+    transposed: tuple[Tensor, Tensor, Tensor] | None = None  # perm, crow_t, col_t
 
     @property
     def nnz(self) -> int:
@@ -260,13 +260,32 @@ class _Plan:
         )
 
     def csr_t(self, values: Tensor) -> Tensor:
+        if self.transposed is None:
+            self.transposed = self._transpose()
+        perm, crow_t, col_t = self.transposed
         return torch.sparse_csr_tensor(
-            self.crow_t,
-            self.col_t,
-            values.index_select(0, self.perm),
+            crow_t,
+            col_t,
+            values.index_select(0, perm),
             (self.shape[1], self.shape[0]),
             check_invariants=False,
         )
+
+    def _transpose(self) -> tuple[Tensor, Tensor, Tensor]:
+        out, inp = self.shape
+        rows = torch.repeat_interleave(
+            torch.arange(out, dtype=self.col.dtype, device=self.col.device),
+            self.crow.diff(),
+            output_size=self.nnz,
+        )
+        # W.T's CSR order is by column, then row: a stable sort of the columns of
+        # W's row-major entries gives it, as positions in W's order (on 16-bit
+        # keys where the columns fit: a radix sort, twice as fast).
+        keys = self.col.to(torch.int16) if inp <= 2**15 else self.col
+        perm = torch.sort(keys, stable=True).indices.to(self.col.dtype)
+        crow_t = torch.zeros(inp + 1, dtype=self.col.dtype, device=self.col.device)
+        crow_t[1:] = torch.bincount(self.col, minlength=inp).cumsum(0)
+        return perm, crow_t, rows.index_select(0, perm)
 
 
 @functools.cache
@@ -297,13 +316,6 @@ def _build_plan(mask: Tensor) -> _Plan:
     rows, cols = index.div(inp, rounding_mode="floor"), index.remainder(inp)
     crow = torch.zeros(out + 1, dtype=itype, device=mask.device)
     crow[1:] = torch.bincount(rows, minlength=out).cumsum(0)
-    # W.T's CSR order is by column, then row: a stable sort of the columns of
-    # W's row-major entries gives it, as positions in W's order (on 16-bit keys
-    # where the columns fit: a radix sort, twice as fast).
-    keys = cols.to(torch.int16) if inp <= 2**15 else cols
-    perm = torch.sort(keys, stable=True).indices.to(itype)
-    crow_t = torch.zeros(inp + 1, dtype=itype, device=mask.device)
-    crow_t[1:] = torch.bincount(cols, minlength=inp).cumsum(0)
     return _Plan(
         mask=mask,
         version=mask._version,
@@ -311,9 +323,6 @@ def _build_plan(mask: Tensor) -> _Plan:
         index=index,
         crow=crow,
         col=cols,
-        perm=perm,
-        crow_t=crow_t,
-        col_t=rows.index_select(0, perm),
     )
 
 

@@ -693,5 +693,20 @@ def test_plan_is_the_same_with_and_without_numpy(
         values = weight.flatten()[plan.index]
         assert torch.equal(plan.csr(values).to_dense(), weight)
         assert torch.equal(plan.csr_t(values).to_dense(), weight.t())
-    for field in ("index", "crow", "col", "perm", "crow_t", "col_t"):
+    for field in ("index", "crow", "col"):
         assert torch.equal(getattr(with_numpy, field), getattr(without, field))
+    assert with_numpy.transposed is not None and without.transposed is not None
+    for a, b in zip(with_numpy.transposed, without.transposed, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_first_layer_never_builds_the_transposed_structure() -> None:
+    model, optimizer, sparsifier = big_runs("auto")
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(128, 1024)).sum().backward()  # the input needs no grad
+        optimizer.step()
+    (big,) = forwards(sparsifier)
+    assert big.plan is not None and big.plan.transposed is None
+    model(torch.randn(128, 1024, requires_grad=True)).sum().backward()
+    assert big.plan.transposed is not None
