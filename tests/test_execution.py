@@ -710,3 +710,18 @@ def test_first_layer_never_builds_the_transposed_structure() -> None:
     assert big.plan is not None and big.plan.transposed is None
     model(torch.randn(128, 1024, requires_grad=True)).sum().backward()
     assert big.plan.transposed is not None
+
+
+def test_auto_sparse_products_take_sequence_inputs() -> None:
+    runs = {e: big_runs(e) for e in ("mask", "auto")}
+    x = torch.randn(2, 64, 1024)  # 128 rows: forward and input gradient sparse
+    results = {}
+    for execution, (model, _, _) in runs.items():
+        xi = x.clone().requires_grad_(True)
+        out = model(xi)
+        out.square().sum().backward()
+        weight = model[0].parametrizations.weight.original
+        results[execution] = (out, xi.grad, weight.grad)
+    for got, want in zip(results["auto"], results["mask"], strict=True):
+        torch.testing.assert_close(got, want, **TOL)
+    assert forwards(runs["auto"][2])[0].sparse_calls == 1
