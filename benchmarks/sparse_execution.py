@@ -54,7 +54,6 @@ from sparsetorch.execution import (
     SparseExecution,
     SparseLinear,
     _choose_kernels,
-    _Kernels,
     export_sparse,
     sparse_is_faster,
 )
@@ -405,12 +404,10 @@ def bench_grid(
             )
 
 
-def _train_choice(kernels: _Kernels, sparse_won: bool) -> str:
-    if kernels.weight_grad:
-        return _choice(True, sparse_won)
-    if kernels.forward:
-        return "products"  # sparse forward and input gradient: see auto / mask
-    return _choice(False, sparse_won)
+def _train_choice(kernels: str, sparse_won: bool) -> str:
+    if kernels == "products":
+        return kernels  # sparse forward and input gradient: see auto / mask
+    return _choice(kernels == "sparse", sparse_won)
 
 
 def _choice(auto_sparse: bool, sparse_won: bool) -> str:

@@ -160,30 +160,6 @@ def sparse_is_faster(
     return False
 
 
-@dataclass(frozen=True)
-class _Kernels:
-    """Which products of one call of a layer are sparse.
-
-    ``forward``: ``W x``; ``input_grad``: ``W.T g``; ``weight_grad``: ``g.T x``
-    at the active positions only (``torch.sparse.sampled_addmm``). The others
-    are dense products on the stored weight, which is zero outside the mask;
-    a dense weight gradient is masked by the parametrization's hook, as in
-    mask mode.
-    """
-
-    forward: bool
-    input_grad: bool = False
-    weight_grad: bool = False
-
-    @property
-    def any(self) -> bool:
-        return self.forward or self.input_grad or self.weight_grad
-
-
-_ALL_SPARSE = _Kernels(forward=True, input_grad=True, weight_grad=True)
-_ALL_DENSE = _Kernels(forward=False)
-
-
 #: ``(min_rows, min_numel, max_density)``: a training call that does not run
 #: wholly sparse under :data:`AUTO_RULES` still runs its forward and input
 #: gradient as sparse products (its weight gradient dense) when the first row
@@ -204,26 +180,26 @@ def _choose_kernels(
     *,
     training: bool,
     device: str,
-) -> _Kernels:
-    """Which products of one ``"auto"`` call run sparse (see :data:`AUTO_RULES`).
+) -> str:
+    """What one ``"auto"`` call runs (see :data:`AUTO_RULES`).
 
-    A call that :func:`sparse_is_faster` finds faster wholly sparse runs so. A
-    training call that does not still runs its forward and input gradient (the
-    same sparse-dense product, transposed) sparse where :data:`PRODUCT_RULES`
-    allow, and only its weight gradient dense.
+    ``"sparse"``: every product on the active weights (in inference, the
+    forward); ``"products"``: in training, the forward and the input gradient
+    (the same sparse-dense product, transposed) sparse, the weight gradient
+    dense and masked by the parametrization's hook, where :data:`PRODUCT_RULES`
+    allow; ``"plain"``: ``F.linear``.
     """
     if sparse_is_faster(
         out_features, in_features, nnz, rows, training=training, device=device
     ):
-        return _ALL_SPARSE if training else _Kernels(forward=True)
+        return "sparse"
     if not training or device != "cpu" or nnz >= out_features * in_features:
-        return _ALL_DENSE
+        return "plain"
     numel = out_features * in_features
     for min_rows, min_numel, max_density in PRODUCT_RULES:
         if rows >= min_rows and numel >= min_numel:
-            products = nnz <= round(max_density * numel)
-            return _Kernels(forward=products, input_grad=products)
-    return _ALL_DENSE
+            return "products" if nnz <= round(max_density * numel) else "plain"
+    return "plain"
 
 
 # -- the compressed structure ----------------------------------------------------------
@@ -335,17 +311,12 @@ def _sparse_linear(
     """``F.linear`` on the active weights; returns ``(output, x, values)``."""
     out, inp = plan.shape
     x = input.reshape(-1, inp)  # (rows, in)
-    values = _gather(weight, plan)
+    values = weight.detach().reshape(-1).index_select(0, plan.index)  # (nnz,)
     y = torch.sparse.mm(plan.csr(values), x.detach().t())  # (out, rows)
     if bias is not None:
         y = y.add_(bias.detach().unsqueeze(1))
     output = y.t().reshape(*input.shape[:-1], out).contiguous()
     return output, x, values
-
-
-def _gather(weight: Tensor, plan: _Plan) -> Tensor:
-    """The active weights in CSR order: ``(nnz,)``."""
-    return weight.detach().reshape(-1).index_select(0, plan.index)
 
 
 class _SparseLinearFunction(torch.autograd.Function):
@@ -360,19 +331,14 @@ class _SparseLinearFunction(torch.autograd.Function):
         plan: _Plan,
         owner: MaskParametrization,
         buffer: _GradBuffer,
-        kernels: _Kernels,
+        sparse_weight_grad: bool,
     ) -> Tensor:
-        if kernels.forward:
-            output, x, values = _sparse_linear(input, weight, bias, plan)
-        else:
-            output = nn.functional.linear(input, weight, bias)
-            x = input.reshape(-1, weight.shape[1])
-            values = _gather(weight, plan)
+        output, x, values = _sparse_linear(input, weight, bias, plan)
         ctx.save_for_backward(x, weight, values)
         ctx.plan = plan  # type: ignore[attr-defined]
         ctx.owner = owner  # type: ignore[attr-defined]
         ctx.buffer = buffer  # type: ignore[attr-defined]
-        ctx.kernels = kernels  # type: ignore[attr-defined]
+        ctx.sparse_weight_grad = sparse_weight_grad  # type: ignore[attr-defined]
         ctx.input_shape = input.shape  # type: ignore[attr-defined]
         return output
 
@@ -381,8 +347,7 @@ class _SparseLinearFunction(torch.autograd.Function):
         x, weight, values = ctx.saved_tensors
         plan: _Plan = ctx.plan
         owner: MaskParametrization = ctx.owner
-        kernels: _Kernels = ctx.kernels
-        out, inp = weight.shape
+        out, inp = plan.shape
         g = grad_output.reshape(-1, out)  # (rows, out)
         if torch.is_grad_enabled():
             # backward(create_graph=True): F.linear's own formulas, which are
@@ -393,25 +358,19 @@ class _SparseLinearFunction(torch.autograd.Function):
                 g.sum(0) if ctx.needs_input_grad[2] else None,
                 *(None,) * 4,
             )
+        g_t = g.t().contiguous()  # (out, rows): what the sparse kernels read
         grad_input = grad_weight = grad_bias = None
-        g_t = None
         if ctx.needs_input_grad[0]:
-            if kernels.input_grad:
-                g_t = g.t().contiguous()  # (out, rows): what the sparse kernels read
-                grad_input = torch.sparse.mm(plan.csr_t(values), g_t)  # (in, rows)
-                # Row-major like F.linear's: elementwise backward ops before this
-                # layer (ReLU's, say) take a slow path on mixed layouts.
-                grad_input = grad_input.t().contiguous().view(ctx.input_shape)
-            else:
-                grad_input = g.mm(weight).view(ctx.input_shape)
+            grad_input = torch.sparse.mm(plan.csr_t(values), g_t)  # (in, rows)
+            # Row-major like F.linear's: elementwise backward ops before this
+            # layer (ReLU's, say) take a slow path on mixed layouts.
+            grad_input = grad_input.t().contiguous().view(ctx.input_shape)
         if ctx.needs_input_grad[1]:
-            if owner.capturing or not kernels.weight_grad:
-                # RigL needs the dense gradient: compute it as mask mode does and
-                # let the parametrization's hooks capture and mask it.
+            if owner.capturing or not ctx.sparse_weight_grad:
+                # Dense, as mask mode computes it; the parametrization's hooks
+                # mask it (and capture it for RigL before an update).
                 grad_weight = g.t().mm(x)  # (out, in)
             else:
-                if g_t is None:
-                    g_t = g.t().contiguous()
                 active = torch.sparse.sampled_addmm(
                     plan.csr(values), g_t, x, beta=0.0
                 ).values()  # (nnz,): (g.T @ x) at the active positions only
@@ -523,7 +482,7 @@ class SparseExecution:
         self._nnz_of: Tensor | None = None  # the mask _nnz was counted on
         self._nnz_version = -1
         self._nnz = 0
-        self._decisions: dict[tuple[int, bool, str], _Kernels | None] = {}
+        self._decisions: dict[tuple[int, bool, str], str] = {}
 
     def __call__(self, input: Tensor) -> Tensor:
         module = self.module
@@ -538,7 +497,7 @@ class SparseExecution:
         weight = module.weight  # through the parametrization: re-masks if stale
         training = torch.is_grad_enabled() and _needs_grad(input, weight, module.bias)
         kernels = self._kernels(input, weight, training)
-        if kernels is None:
+        if kernels == "plain":
             self.dense_calls += 1
             return nn.functional.linear(input, weight, module.bias)
         self.sparse_calls += 1
@@ -553,7 +512,7 @@ class SparseExecution:
             plan,
             self.parametrization,
             self.grad_buffer,
-            kernels,
+            kernels == "sparse",
         )
 
     def _plan(self) -> _Plan:
@@ -563,20 +522,17 @@ class SparseExecution:
             self.rebuilds += 1
         return self.plan
 
-    def _kernels(
-        self, input: Tensor, weight: Tensor, training: bool
-    ) -> _Kernels | None:
-        """What this call runs sparse; ``None``: the plain ``F.linear``.
+    def _kernels(self, input: Tensor, weight: Tensor, training: bool) -> str:
+        """What this call runs: ``"sparse"``, ``"products"`` or ``"plain"``.
 
-        Without a gradient to compute only the forward matters, so any choice
-        that is not ``None`` means a sparse forward.
+        See :func:`_choose_kernels`; without a gradient to compute, anything but
+        ``"plain"`` means a sparse forward.
         """
-        if self.mode == "sparse":
-            kernels: _Kernels | None = _ALL_SPARSE
-        else:
-            kernels = self._auto(input, weight, training)
-            if kernels is None:
-                return None  # (decided first: the plain path stays cheap)
+        kernels = (
+            "sparse" if self.mode == "sparse" else self._auto(input, weight, training)
+        )
+        if kernels == "plain":
+            return kernels  # (decided first: the plain path stays cheap)
         why = _unsupported(input, weight)
         if why is not None:
             if self.mode == "sparse" and not self._warned:
@@ -587,10 +543,10 @@ class SparseExecution:
                     RuntimeWarning,
                     stacklevel=3,
                 )
-            return None
+            return "plain"
         return kernels
 
-    def _auto(self, input: Tensor, weight: Tensor, training: bool) -> _Kernels | None:
+    def _auto(self, input: Tensor, weight: Tensor, training: bool) -> str:
         """:func:`_choose_kernels` for this call, cached per mask version."""
         mask = self.parametrization.mask
         if self._nnz_of is not mask or self._nnz_version != mask._version:
@@ -603,15 +559,9 @@ class SparseExecution:
         if key not in self._decisions:
             if len(self._decisions) >= 256:  # many input shapes: start over
                 self._decisions.clear()
-            kernels = _choose_kernels(
-                out,
-                inp,
-                self._nnz,
-                rows,
-                training=training,
-                device=key[2],
+            self._decisions[key] = _choose_kernels(
+                out, inp, self._nnz, rows, training=training, device=key[2]
             )
-            self._decisions[key] = kernels if kernels.any else None
         return self._decisions[key]
 
     def __repr__(self) -> str:
