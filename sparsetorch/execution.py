@@ -358,7 +358,12 @@ class _SparseLinearFunction(torch.autograd.Function):
                 g.sum(0) if ctx.needs_input_grad[2] else None,
                 *(None,) * 4,
             )
-        g_t = g.t().contiguous()  # (out, rows): what the sparse kernels read
+        sparse_weight_grad = (
+            ctx.needs_input_grad[1] and ctx.sparse_weight_grad and not owner.capturing
+        )
+        g_t = None
+        if ctx.needs_input_grad[0] or sparse_weight_grad:
+            g_t = g.t().contiguous()  # (out, rows): what the sparse kernels read
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_input = torch.sparse.mm(plan.csr_t(values), g_t)  # (in, rows)
@@ -366,7 +371,7 @@ class _SparseLinearFunction(torch.autograd.Function):
             # layer (ReLU's, say) take a slow path on mixed layouts.
             grad_input = grad_input.t().contiguous().view(ctx.input_shape)
         if ctx.needs_input_grad[1]:
-            if owner.capturing or not ctx.sparse_weight_grad:
+            if not sparse_weight_grad:
                 # Dense, as mask mode computes it; the parametrization's hooks
                 # mask it (and capture it for RigL before an update).
                 grad_weight = g.t().mm(x)  # (out, in)
