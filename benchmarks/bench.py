@@ -245,13 +245,20 @@ class SparsetorchAuto(Sparsetorch):
     execution = "auto"
 
     def update(self) -> None:
+        forwards = [
+            f
+            for f in (m.__dict__.get("forward") for m in self.model.modules())
+            if isinstance(f, SparseExecution)
+        ]
+        transposed = [f.plan is not None and f.plan.transposed for f in forwards]
         super().update()
-        # The compressed structure of each changed mask is rebuilt at the next
-        # forward: part of what an update costs in this mode.
-        for module in self.model.modules():
-            forward = module.__dict__.get("forward")
-            if isinstance(forward, SparseExecution):
-                forward._plan()
+        # The compressed structure of each changed mask is rebuilt in the next
+        # forward (W) and backward (W.T, where an input gradient needs it): part
+        # of what an update costs in this mode.
+        for forward, had_transposed in zip(forwards, transposed, strict=True):
+            plan = forward._plan()
+            if had_transposed and plan.transposed is None:
+                plan.transposed = plan._transpose()
 
 
 class SparsetorchCompiled(Sparsetorch):
