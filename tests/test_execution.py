@@ -726,3 +726,18 @@ def test_auto_sparse_products_take_sequence_inputs() -> None:
     for got, want in zip(results["auto"], results["mask"], strict=True):
         torch.testing.assert_close(got, want, **TOL)
     assert forwards(runs["auto"][2])[0].sparse_calls == 1
+
+
+def test_tensor_subclass_inputs_take_the_plain_call() -> None:
+    class Tagged(torch.Tensor):
+        pass
+
+    model, _, sparsifier = big_runs("sparse")
+    x = torch.randn(128, 1024)
+    with pytest.warns(RuntimeWarning, match="tensor subclass"):
+        out = model(x.as_subclass(Tagged))
+    assert [(f.sparse_calls, f.dense_calls) for f in forwards(sparsifier)] == [
+        (0, 1),
+        (0, 1),
+    ]
+    torch.testing.assert_close(out.as_subclass(torch.Tensor), model(x), **TOL)
