@@ -107,6 +107,18 @@ class MaskParametrization(nn.Module):
         self._handles: list[RemovableHandle] = []
         self._grad_token: tuple[weakref.ReferenceType[Tensor], int] | None = None
         self._masked_grad: tuple[int, int] | None = None
+        #: ``(mask._version, positions)``: the sorted flat positions of the mask's
+        #: active entries, kept only while sparse execution holds a compressed
+        #: structure of this mask (it shares that memory); an update refreshes
+        #: it, so neither the update nor the next rebuild searches the mask.
+        #: ``None`` otherwise (mask mode keeps nothing but the mask).
+        self.active: tuple[int, Tensor] | None = None
+
+    def active_positions(self) -> Tensor | None:
+        """The sorted flat positions of the active entries, if known for this mask."""
+        if self.active is None or self.active[0] != self.mask._version:
+            return None
+        return self.active[1]
 
     def forward(self, X: Tensor) -> Tensor:
         if self.stale:

@@ -19,7 +19,7 @@ from sparsetorch._checkpoint import (
     encode_mask,
 )
 from sparsetorch.execution import export_sparse, set_execution
-from sparsetorch.policies.base import Policy, update_mask
+from sparsetorch.policies.base import Policy, _update_mask
 from sparsetorch.schedule import Schedule
 from sparsetorch.topology import Topology
 
@@ -160,14 +160,17 @@ class Sparsifier:
         }
         _distributed.average_([g for g in grads.values() if g is not None])
         new_masks = {}
+        positions = {}  # the new masks' active positions, where they are kept
         targets = self.topology.targets  # == each mask's active count, no sync
+        parametrizations = self.topology.parametrizations
         try:
             for fqn, mask in self.masks.items():
                 n_active = targets[fqn]
                 n_drop = int(n_active * fraction)
                 if n_drop == 0 or n_active == mask.numel():
                     continue
-                new_masks[fqn] = update_mask(
+                keeps = parametrizations[fqn].active is not None  # sparse execution
+                new_masks[fqn], positions[fqn] = _update_mask(
                     self.policy,
                     weights[fqn],
                     mask,
@@ -175,6 +178,8 @@ class Sparsifier:
                     n_drop,
                     self.generator,
                     n_active=n_active,
+                    active=parametrizations[fqn].active_positions(),
+                    positions=keeps,
                 )
         except FloatingPointError as error:
             warnings.warn(
@@ -187,6 +192,10 @@ class Sparsifier:
             for p in self.topology.parametrizations.values():
                 p.release()
         self.topology.apply(new_masks, self.optimizer, self.grow_init)
+        for fqn, found in positions.items():
+            if found is not None:
+                p = parametrizations[fqn]
+                p.active = (p.mask._version, found)
         if new_masks and isinstance(self.optimizer, torch.optim.LBFGS):
             _restart_lbfgs(self.optimizer)
         self.update_count += 1

@@ -741,3 +741,53 @@ def test_tensor_subclass_inputs_take_the_plain_call() -> None:
         (0, 1),
     ]
     torch.testing.assert_close(out.as_subclass(torch.Tensor), model(x), **TOL)
+
+
+def test_updates_reuse_the_kept_active_positions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Sparse execution keeps each mask's sorted active positions with its
+    # compressed structure; an update reads them instead of searching the mask,
+    # and hands the new mask's positions to the next rebuild. They must always
+    # be exactly the mask's, also after loading another topology.
+    from sparsetorch.policies import base
+
+    searched: list[int] = []
+    search = base._nonzero
+
+    def counting(flat: torch.Tensor) -> torch.Tensor:
+        searched.append(flat.numel())
+        return search(flat)
+
+    monkeypatch.setattr(base, "_nonzero", counting)
+    model, optimizer, sparsifier = big_runs("auto")
+    reference = big_runs("mask")[2].state_dict()  # the same seed: other weights
+    p = sparsifier.topology.parametrizations["0.weight"]
+    (big,) = forwards(sparsifier)
+    g = torch.Generator().manual_seed(3)
+
+    def positions() -> torch.Tensor:
+        return p.mask.flatten().nonzero().flatten()
+
+    def step() -> None:
+        optimizer.zero_grad()
+        x = torch.randn(128, 1024, generator=g, requires_grad=True)
+        model(x).square().mean().backward()
+        assert big.plan is not None  # built for this forward
+        assert torch.equal(big.plan.index.long(), positions())
+        assert p.active_positions() is big.plan.index  # shared, not a copy
+        updates = sparsifier.update_count
+        optimizer.step()
+        if sparsifier.update_count > updates:  # the update's, for the next rebuild
+            found = p.active_positions()
+            assert found is not None and torch.equal(found.long(), positions())
+
+    for _ in range(9):
+        step()
+    assert sparsifier.update_count == 2
+    assert 512 * 1024 not in searched  # neither update searched the big mask
+    sparsifier.load_state_dict(reference)  # other masks: the kept positions are stale
+    assert p.active_positions() is None
+    step()
+    mask_mode = big_runs("mask")[2]
+    assert all(p.active is None for p in mask_mode.topology.parametrizations.values())

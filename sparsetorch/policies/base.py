@@ -274,11 +274,38 @@ def update_mask(
         >>> update_mask(RigL(), w, m, g, 1, torch.Generator().manual_seed(0))
         tensor([ True, False,  True, False,  True])
     """
+    return _update_mask(
+        policy, weight, mask, grad, n_drop, generator, n_active=n_active
+    )[0]
+
+
+def _update_mask(
+    policy: Policy,
+    weight: Tensor,
+    mask: Tensor,
+    grad: Tensor | None,
+    n_drop: int,
+    generator: torch.Generator,
+    *,
+    n_active: int | None = None,
+    active: Tensor | None = None,
+    positions: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`update_mask`, given and giving the sorted active positions.
+
+    ``active``: the sorted flat positions of ``mask``'s active entries, when the
+    caller knows them (sparse execution keeps them); else they are searched.
+    With ``positions``, also returns the new mask's sorted active positions
+    (else ``None``).
+    """
     if n_drop == 0:
-        return mask.clone()
+        new = mask.clone()
+        return new, _nonzero(new.flatten()) if positions else None
     name = type(policy).__name__
     flat = mask.flatten()
-    if n_active is None or flat.device.type == "cpu":
+    if active is not None:
+        active = active.long()
+    elif n_active is None or flat.device.type == "cpu":
         active = _nonzero(flat)  # no sync to avoid on the CPU
     else:
         active = torch.nonzero_static(flat, size=n_active).flatten()
@@ -297,7 +324,20 @@ def update_mask(
     new = torch.zeros_like(flat)
     new.index_fill_(0, kept, True)
     new.index_fill_(0, grown, True)
-    return new.view_as(mask)
+    return new.view_as(mask), _merge(kept, grown) if positions else None
+
+
+def _merge(a: Tensor, b: Tensor) -> Tensor:
+    """The sorted union of two disjoint position tensors.
+
+    On the CPU both come sorted from :func:`_top` (numpy's selection returns
+    positions in order), and numpy's stable sort merges two sorted runs in one
+    linear pass.
+    """
+    if _np is not None and a.device.type == b.device.type == "cpu":
+        both = _np.concatenate([a.numpy(), b.numpy()])
+        return torch.from_numpy(_np.sort(both, kind="stable"))
+    return torch.sort(torch.cat([a, b])).values
 
 
 def _shares_memory(scores: Tensor, *tensors: Tensor | None) -> bool:
