@@ -532,7 +532,7 @@ class SparseExecution:
             self.plan = _build_plan(mask, p.active_positions())
             self.rebuilds += 1
             # The positions, for the next update (shared with the plan).
-            p.active = (mask._version, self.plan.index)
+            p.keep_active_positions(self.plan.index)
         return self.plan
 
     def _kernels(self, input: Tensor, weight: Tensor, training: bool) -> str:

@@ -107,18 +107,24 @@ class MaskParametrization(nn.Module):
         self._handles: list[RemovableHandle] = []
         self._grad_token: tuple[weakref.ReferenceType[Tensor], int] | None = None
         self._masked_grad: tuple[int, int] | None = None
-        #: ``(mask._version, positions)``: the sorted flat positions of the mask's
-        #: active entries, kept only while sparse execution holds a compressed
-        #: structure of this mask (it shares that memory); an update refreshes
-        #: it, so neither the update nor the next rebuild searches the mask.
-        #: ``None`` otherwise (mask mode keeps nothing but the mask).
-        self.active: tuple[int, Tensor] | None = None
+        #: The sorted flat positions of the mask's active entries, with the mask
+        #: and version they describe; kept only while sparse execution holds a
+        #: compressed structure of this mask (it shares that memory). An update
+        #: refreshes them, so neither the update nor the next rebuild searches
+        #: the mask. ``None`` otherwise: mask mode keeps nothing but the mask.
+        self.active: tuple[weakref.ReferenceType[Tensor], int, Tensor] | None = None
 
     def active_positions(self) -> Tensor | None:
         """The sorted flat positions of the active entries, if known for this mask."""
-        if self.active is None or self.active[0] != self.mask._version:
+        if self.active is None:
             return None
-        return self.active[1]
+        of, version, positions = self.active
+        mask = self.mask
+        return positions if of() is mask and version == mask._version else None
+
+    def keep_active_positions(self, positions: Tensor) -> None:
+        """Record ``positions`` as the current mask's sorted active positions."""
+        self.active = (weakref.ref(self.mask), self.mask._version, positions)
 
     def forward(self, X: Tensor) -> Tensor:
         if self.stale:

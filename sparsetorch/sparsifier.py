@@ -194,8 +194,7 @@ class Sparsifier:
         self.topology.apply(new_masks, self.optimizer, self.grow_init)
         for fqn, found in positions.items():
             if found is not None:
-                p = parametrizations[fqn]
-                p.active = (p.mask._version, found)
+                parametrizations[fqn].keep_active_positions(found)
         if new_masks and isinstance(self.optimizer, torch.optim.LBFGS):
             _restart_lbfgs(self.optimizer)
         self.update_count += 1

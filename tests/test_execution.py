@@ -791,3 +791,15 @@ def test_updates_reuse_the_kept_active_positions(
     step()
     mask_mode = big_runs("mask")[2]
     assert all(p.active is None for p in mask_mode.topology.parametrizations.values())
+
+
+def test_kept_positions_are_void_once_the_mask_changes_or_is_replaced() -> None:
+    p = st.MaskParametrization(torch.tensor([True, False, True]))
+    positions = torch.tensor([0, 2])
+    p.keep_active_positions(positions)
+    assert p.active_positions() is positions
+    p.mask[1] = True  # any in-place write
+    assert p.active_positions() is None
+    p.keep_active_positions(torch.tensor([0, 1, 2]))
+    p.mask = p.mask.clone()  # a new tensor, as a device move makes
+    assert p.active_positions() is None
