@@ -141,7 +141,7 @@ class Recipe:
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.5
     update_interval: int = 200
-    drop_fraction: float = 0.7
+    drop_fraction: float = 0.5
     end_fraction: float = 0.75
     sparse_init: str = "scaled"
 
