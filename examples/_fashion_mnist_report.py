@@ -159,6 +159,11 @@ def _accuracy_plot(plt: Any, rows: Sequence[Row], path: Path) -> Path | None:
         ax.set_title(f"{model}, {dist} allocation")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    """Lays out, writes and closes ``fig``; returns ``path``."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -223,10 +228,7 @@ def _density_plot(plt: Any, results: Sequence[RunResult], path: Path) -> Path | 
         )
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _dynamics_plot(plt: Any, results: Sequence[RunResult], path: Path) -> Path | None:
@@ -268,10 +270,7 @@ def _dynamics_plot(plt: Any, results: Sequence[RunResult], path: Path) -> Path |
             ax.set_xlabel("optimizer step")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def render_markdown(
