@@ -193,9 +193,9 @@ def _choose_kernels(
         out_features, in_features, nnz, rows, training=training, device=device
     ):
         return "sparse"
-    if not training or device != "cpu" or nnz >= out_features * in_features:
-        return "plain"
     numel = out_features * in_features
+    if not training or device != "cpu" or nnz >= numel:
+        return "plain"
     for min_rows, min_numel, max_density in PRODUCT_RULES:
         if rows >= min_rows and numel >= min_numel:
             return "products" if nnz <= round(max_density * numel) else "plain"
