@@ -298,7 +298,8 @@ def render_markdown(
         f"- Machine: {meta.get('machine', '?')}",
         f"- sparsetorch: {meta.get('sparsetorch', 'version not recorded')}",
         f"- Wall time: {meta.get('wall_time_s', 0) / 60:.1f} min for "
-        f"{len(results)} runs ({meta.get('date', '')})",
+        f"{len(results)} runs, {meta.get('jobs', 1)} at a time "
+        f"({meta.get('date', '')})",
         f"- Data: {meta.get('n_train', '?')} training examples, evaluated on "
         f"{meta.get('n_eval', '?')} {meta.get('evaluated_on', 'test')} examples",
         f"- Recipe: {recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}, "

@@ -120,6 +120,53 @@ def test_quick_run_on_real_data(tmp_path: Path) -> None:
         assert (tmp_path / "out" / f"{name}.png").stat().st_size > 0
 
 
+def test_results_do_not_depend_on_jobs(tmp_path: Path) -> None:
+    tiny = ("--quick", "--policy", "dense", "rigl", "--sparsity", "0.9")
+    tiny += ("--distribution", "erk", "--seeds", "2", "--train-subset", "2048")
+    tiny += ("--test-subset", "500", "--no-plots", "--no-progress")
+    runs = {}
+    for jobs in ("1", "2"):
+        proc = _run(tmp_path, *tiny, "--jobs", jobs, "--out", f"out{jobs}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"4 runs, {jobs} at a time" in proc.stdout + proc.stderr
+        payload = json.loads((tmp_path / f"out{jobs}" / "results.json").read_text())
+        assert payload["jobs"] == int(jobs)
+        runs[jobs] = [
+            (r["spec"], r["test_accuracy"], r["train_loss"], r["mask_events"])
+            for r in payload["runs"]
+        ]
+    assert [spec["seed"] for spec, *_ in runs["2"]] == [0, 1, 0, 1]  # grid order
+    assert runs["1"] == runs["2"]  # bit for bit
+
+
+def test_peer_claims_compare_best_allocations_and_like_for_like() -> None:
+    fm = importlib.import_module("fashion_mnist")
+
+    def row(policy: str, dist: str, overall: float, *accs: float) -> object:
+        return fm.Row("lenet", policy, dist, 0.9, overall, list(accs), 1.0)
+
+    rows = [
+        row("dense", "-", 0.0, 0.899, 0.898, 0.900),
+        row("rigl", "erk", 0.9, 0.893, 0.892, 0.894),
+        row("rigl", "uniform", 0.9, 0.887, 0.889, 0.888),
+        row("rigl-torch", "uniform", 0.9, 0.889, 0.888, 0.890),
+        row("rigl", "uniform-first-dense", 0.1048, 0.890, 0.892, 0.894),
+        row("rigl-torch", "uniform-first-dense", 0.1048, 0.900, 0.901, 0.899),
+    ]
+    lines = [
+        f"[{'ok' if holds else 'MISS'}] {claim}: {evidence}"
+        for claim, holds, evidence in fm.acceptance_checks(rows)
+        if "rigl-torch" in claim
+    ]
+    assert_expected_inline(
+        "\n".join(lines).replace("\u00b1", "+-"),  # expecttest pins ASCII
+        """\
+[ok] lenet: sparsetorch RigL >= rigl-torch at overall sparsity 0.9000, best allocation of each: sparsetorch erk 89.30 +- 0.10, rigl-torch uniform 88.90 +- 0.10: +0.40 +- 0.08 s.e.
+[ok] lenet: same allocation (uniform, overall 0.9000): sparsetorch RigL no worse than rigl-torch beyond 2 s.e.: sparsetorch 88.80 +- 0.10, rigl-torch 88.90 +- 0.10: -0.10 +- 0.08 s.e.
+[MISS] lenet: same allocation (uniform-first-dense, overall 0.1048): sparsetorch RigL no worse than rigl-torch beyond 2 s.e.: sparsetorch 89.20 +- 0.20, rigl-torch 90.00 +- 0.10: -0.80 +- 0.13 s.e.""",
+    )
+
+
 def test_quick_cnn_run(tmp_path: Path) -> None:
     proc = _run(
         tmp_path,
