@@ -298,6 +298,7 @@ def train_one(
     *,
     progress: bool,
     label: str = "",
+    position: int = 0,
 ) -> RunResult:
     """Trains one model under one policy and returns its measurements.
 
@@ -307,6 +308,7 @@ def train_one(
         data: train and evaluation tensors.
         progress: whether to show a tqdm bar (when tqdm is importable).
         label: prefix for the progress bar.
+        position: the bar's line on the terminal (one per parallel run).
 
     Returns:
         The run's accuracy, sparsity, per-layer density and mask history.
@@ -380,7 +382,7 @@ def train_one(
         _rescale_sparse_init(weights, masks())
     tracker = MaskTracker(masks()) if masks is not None else None
 
-    bar = _progress_bar(total_steps, label) if progress else None
+    bar = _progress_bar(total_steps, label, position=position) if progress else None
     generator = torch.Generator().manual_seed(spec.seed)
     step = 0
     loss_sum = torch.zeros(())
@@ -455,18 +457,32 @@ def _rescale_sparse_init(
             weights[name].mul_(math.sqrt(mask.numel() / active))
 
 
-def _progress_bar(total: int, label: str, unit: str = "step") -> Any:
+def _tqdm() -> Any:
+    """tqdm's class, or ``None`` when tqdm (an optional extra) is missing."""
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc=label, leave=False, unit=unit, disable=None)
+    return tqdm
+
+
+def _progress_bar(total: int, label: str, unit: str = "step", position: int = 0) -> Any:
+    tqdm = _tqdm()
+    if tqdm is None:
+        return None
+    return tqdm(
+        total=total,
+        desc=label,
+        leave=False,
+        unit=unit,
+        position=position,
+        disable=None,
+    )
 
 
 def _say(message: str) -> None:
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
+    tqdm = _tqdm()
+    if tqdm is None:
         print(message, flush=True)
     else:
         tqdm.write(message)
@@ -501,19 +517,37 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-# A worker process's copy of the data, loaded once by _worker_start.
+# A worker process's copy of the data and its progress bar's line, set once by
+# _worker_start.
 _worker_data: FashionMNIST | None = None
+_worker_line = 0
 
 
-def _worker_start(request: DataRequest, threads: int) -> None:
-    global _worker_data
+def _worker_start(
+    request: DataRequest, threads: int, lines: Any, bar_lock: Any
+) -> None:
+    global _worker_data, _worker_line
     torch.set_num_threads(threads)
+    with lines.get_lock():
+        lines.value += 1
+        _worker_line = lines.value
+    if bar_lock is not None:
+        _tqdm().set_lock(bar_lock)
     _worker_data = request.load(download=False)
 
 
-def _worker_train(spec: RunSpec, recipe: Recipe) -> RunResult:
+def _worker_train(
+    spec: RunSpec, recipe: Recipe, progress: bool, label: str
+) -> RunResult:
     assert _worker_data is not None, "_worker_start did not run"
-    return train_one(spec, recipe, _worker_data, progress=False)
+    return train_one(
+        spec,
+        recipe,
+        _worker_data,
+        progress=progress,
+        label=label,
+        position=_worker_line,
+    )
 
 
 def train_grid(
@@ -568,18 +602,25 @@ def train_grid(
         return list(results.values())
     # the workers read the directory the parent's data came from
     request = dataclasses.replace(request, data_dir=str(data.source))
-    bar = (
-        _progress_bar(len(grid), f"{jobs} runs at a time", "run") if progress else None
-    )
+    context = multiprocessing.get_context("spawn")
+    bar_lock = None
+    if progress and _tqdm() is not None:
+        # one lock for every process's bars: the runs' bars on lines 1..jobs,
+        # the count of finished runs on line 0
+        bar_lock = context.RLock()
+        _tqdm().set_lock(bar_lock)
+    bar = _progress_bar(len(grid), "runs", "run") if progress else None
     pool = ProcessPoolExecutor(
         max_workers=jobs,
-        mp_context=multiprocessing.get_context("spawn"),
+        mp_context=context,
         initializer=_worker_start,
-        initargs=(request, threads),
+        initargs=(request, threads, context.Value("i", 0), bar_lock),
     )
     try:
         pending: dict[Future[RunResult], int] = {
-            pool.submit(_worker_train, spec, recipe): index
+            pool.submit(
+                _worker_train, spec, recipe, progress, label(index, spec)
+            ): index
             for index, spec in enumerate(grid, 1)
         }
         for future in as_completed(pending):
