@@ -603,12 +603,13 @@ def train_grid(
     # the workers read the directory the parent's data came from
     request = dataclasses.replace(request, data_dir=str(data.source))
     context = multiprocessing.get_context("spawn")
+    tqdm = _tqdm() if progress else None
     bar_lock = None
-    if progress and _tqdm() is not None:
+    if tqdm is not None:
         # one lock for every process's bars: the runs' bars on lines 1..jobs,
         # the count of finished runs on line 0
         bar_lock = context.RLock()
-        _tqdm().set_lock(bar_lock)
+        tqdm.set_lock(bar_lock)
     bar = _progress_bar(len(grid), "runs", "run") if progress else None
     pool = ProcessPoolExecutor(
         max_workers=jobs,
