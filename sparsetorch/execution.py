@@ -44,6 +44,7 @@ from torch.autograd.function import FunctionCtx
 from torch.nn.utils import parametrize
 
 from sparsetorch.parametrization import MaskParametrization, _np
+from sparsetorch.policies.base import _nonzero
 from sparsetorch.topology import Topology
 
 __all__ = [
@@ -286,13 +287,9 @@ def _build_plan(mask: Tensor, active: Tensor | None = None) -> _Plan:
     out, inp = mask.shape
     # int32 wherever it fits: half the memory (and fewer copies in the kernels)
     itype = torch.int32 if mask.numel() < 2**31 else torch.int64
-    if active is not None:
-        index = active.to(itype)
-    elif _np is not None and mask.device.type == "cpu" and mask.is_contiguous():
-        # numpy's nonzero is 3-4x faster than torch's on the CPU
-        index = torch.from_numpy(_np.flatnonzero(mask.numpy())).to(itype)
-    else:
-        index = mask.flatten().nonzero().flatten().to(itype)  # row-major: CSR order
+    if active is None:
+        active = _nonzero(mask.flatten())  # row-major: CSR order
+    index = active.to(itype)
     rows, cols = index.div(inp, rounding_mode="floor"), index.remainder(inp)
     crow = torch.zeros(out + 1, dtype=itype, device=mask.device)
     crow[1:] = torch.bincount(rows, minlength=out).cumsum(0)
