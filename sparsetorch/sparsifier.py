@@ -154,22 +154,22 @@ class Sparsifier:
         fraction = self.schedule.drop_fraction_at(self.step_count)
         weights = self.topology.params
         _distributed.check_params_unsharded(weights)
+        parametrizations = self.topology.parametrizations
         grads = {
             fqn: p.dense_grad if self.policy.needs_grad else None
-            for fqn, p in self.topology.parametrizations.items()
+            for fqn, p in parametrizations.items()
         }
         _distributed.average_([g for g in grads.values() if g is not None])
         new_masks = {}
         positions = {}  # the new masks' active positions, where they are kept
         targets = self.topology.targets  # == each mask's active count, no sync
-        parametrizations = self.topology.parametrizations
         try:
             for fqn, mask in self.masks.items():
                 n_active = targets[fqn]
                 n_drop = int(n_active * fraction)
                 if n_drop == 0 or n_active == mask.numel():
                     continue
-                keeps = parametrizations[fqn].active is not None  # sparse execution
+                p = parametrizations[fqn]
                 new_masks[fqn], positions[fqn] = _update_mask(
                     self.policy,
                     weights[fqn],
@@ -178,8 +178,8 @@ class Sparsifier:
                     n_drop,
                     self.generator,
                     n_active=n_active,
-                    active=parametrizations[fqn].active_positions(),
-                    positions=keeps,
+                    active=p.active_positions(),
+                    positions=p.active is not None,  # kept under sparse execution
                 )
         except FloatingPointError as error:
             warnings.warn(
@@ -189,7 +189,7 @@ class Sparsifier:
             )
             return False
         finally:
-            for p in self.topology.parametrizations.values():
+            for p in parametrizations.values():
                 p.release()
         self.topology.apply(new_masks, self.optimizer, self.grow_init)
         for fqn, found in positions.items():
