@@ -250,15 +250,17 @@ class SparsetorchAuto(Sparsetorch):
             for f in (m.__dict__.get("forward") for m in self.model.modules())
             if isinstance(f, SparseExecution)
         ]
-        transposed = [f.plan is not None and f.plan.transposed for f in forwards]
+        transposed = [
+            f.plan is not None and f.plan.transposed is not None for f in forwards
+        ]
         super().update()
         # The compressed structure of each changed mask is rebuilt in the next
         # forward (W) and backward (W.T, where an input gradient needs it): part
         # of what an update costs in this mode.
         for forward, had_transposed in zip(forwards, transposed, strict=True):
             plan = forward._plan()
-            if had_transposed and plan.transposed is None:
-                plan.transposed = plan._transpose()
+            if had_transposed:
+                plan.transpose()
 
 
 class SparsetorchCompiled(Sparsetorch):

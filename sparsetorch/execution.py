@@ -237,9 +237,7 @@ class _Plan:
         )
 
     def csr_t(self, values: Tensor) -> Tensor:
-        if self.transposed is None:
-            self.transposed = self._transpose()
-        perm, crow_t, col_t = self.transposed
+        perm, crow_t, col_t = self.transpose()
         return torch.sparse_csr_tensor(
             crow_t,
             col_t,
@@ -247,6 +245,12 @@ class _Plan:
             (self.shape[1], self.shape[0]),
             check_invariants=False,
         )
+
+    def transpose(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``W.T``'s structure ``(perm, crow_t, col_t)``, built at the first call."""
+        if self.transposed is None:
+            self.transposed = self._transpose()
+        return self.transposed
 
     def _transpose(self) -> tuple[Tensor, Tensor, Tensor]:
         out, inp = self.shape
