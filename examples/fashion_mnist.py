@@ -2,7 +2,7 @@
 
 With no flags it runs the comparison sweep (dense, and static / SET / RigL at 90% and
 98% sparsity with ERK and uniform allocation, all layers sparse, 3 seeds) on
-LeNet-300-100 at a budget of about 11-13 minutes on 2 CPU cores, prints a results table
+LeNet-300-100 at a budget of about 11-15 minutes on 2 CPU cores, prints a results table
 and one sparsifier's ``summary()``, and writes ``results.json``, ``results.md`` and
 PNG plots to ``--out``. ``--quick`` runs the same grid for one seed and two epochs on
 a slice of the data, in well under a minute.
@@ -60,7 +60,7 @@ MODELS = ("lenet", "cnn")
 DEFAULT_POLICIES = ("dense", "static", "set", "rigl")
 DEFAULT_SPARSITIES = (0.9, 0.98)
 DEFAULT_DISTRIBUTIONS = ("erk", "uniform")
-# The default sweep's budget: 13 configurations x 3 seeds in about 11-13 minutes on
+# The default sweep's budget: 13 configurations x 3 seeds in about 11-15 minutes on
 # 2 cores, two runs at a time.
 DEFAULT_EPOCHS = 24
 # --quick: one seed, a slice of the data, and updates often enough to happen
@@ -1003,7 +1003,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog=PROG,
         description=(
             "Dense vs static vs SET vs RigL on Fashion-MNIST (no torchvision). With "
-            "no flags: the full comparison sweep (~11-13 min on 2 CPU cores)."
+            "no flags: the full comparison sweep (~11-15 min on 2 CPU cores)."
         ),
     )
     parser.add_argument(
