@@ -428,8 +428,9 @@ def iterate_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yields ``(x, y)`` mini-batches of one epoch in a seeded random order.
 
-    The data is permuted once per epoch (one gather of the whole set) and then cut
-    into contiguous slices, which are views: no per-sample work in the loop.
+    The order is one seeded permutation per epoch; each batch is gathered from it
+    with one ``index_select`` (no per-sample work in the loop, and no copy of the
+    whole set per epoch: that 188 MB gather took a tenth of a LeNet run).
 
     Args:
         x: inputs, first dimension is the example index.
@@ -451,7 +452,7 @@ def iterate_batches(
     if y.shape[0] != n:
         raise ValueError(f"x has {n} examples but y has {y.shape[0]}")
     perm = torch.randperm(n, generator=generator)
-    xs, ys = x[perm], y[perm]
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
-        yield xs[start : start + batch_size], ys[start : start + batch_size]
+        index = perm[start : start + batch_size]
+        yield x.index_select(0, index), y.index_select(0, index)
