@@ -282,8 +282,13 @@ def render_markdown(
     checks: Sequence[tuple[str, bool, str]],
     pictures: Sequence[str],
     json_path: str,
+    gap_path: str,
 ) -> str:
-    """The results page: how it was made, the table, the claims, the figures."""
+    """The results page: how it was made, the table, the claims, the figures.
+
+    ``pictures``, ``json_path`` and ``gap_path`` (docs/results/gap.md) are links
+    relative to the page.
+    """
     recipe = meta.get("recipe", {})
     lines = [
         "# Fashion-MNIST results",
@@ -324,7 +329,7 @@ def render_markdown(
         "ERK 90% over 6 seeds (both rose). Every row then uses the same values. "
         "Runs share the machine with other work, so wall times are indicative. What "
         "was tried to close RigL's gap to dense at 90%, with the commands: "
-        "[results/gap.md](results/gap.md).",
+        f"[{gap_path}]({gap_path}).",
         "",
         "*Overall sparsity* is measured on the final masks over all Linear/Conv "
         "weights (biases are dense). `uniform-first-dense` is rigl-torch's "

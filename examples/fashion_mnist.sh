@@ -3,7 +3,7 @@
 # (the Debian data package when missing, a venv with sparsetorch and its examples
 # extra, torch pinned by constraints.txt), then run it. Arguments go to
 # examples/fashion_mnist.py, e.g.
-#   bash examples/fashion_mnist.sh            # the default sweep (~11-15 min on 2 cores)
+#   bash examples/fashion_mnist.sh            # the default sweep (~10-12 min on 2 cores)
 #   bash examples/fashion_mnist.sh --quick    # smoke test (< 1 min)
 #   bash examples/fashion_mnist.sh --peer --out docs/results --report docs/results.md
 set -euo pipefail
