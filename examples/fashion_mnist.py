@@ -407,7 +407,7 @@ def train_one(
                 optimizer.step()
             step += 1
             # sparsetorch and rigl-torch both rewire the masks only on multiples of
-            # the update interval; comparing them every step cost 7% of a LeNet run
+            # the update interval; comparing them every step took 0.2 ms of a 3 ms step
             if (
                 tracker is not None
                 and masks is not None
