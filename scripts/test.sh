@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install_fashion_mnist.sh  # real data for the main job's test
 python3 -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,examples]"
+.venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,examples,lightning,transformers]"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy --strict sparsetorch
