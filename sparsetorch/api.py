@@ -10,12 +10,18 @@ import torch
 from torch import nn
 
 from sparsetorch import _distributed
+from sparsetorch._stash import Stash
 from sparsetorch.distributions import allocate
 from sparsetorch.execution import check_execution
 from sparsetorch.policies.base import Policy, make_policy
 from sparsetorch.schedule import DROP_SCHEDULES, Schedule
-from sparsetorch.sparsifier import Sparsifier
-from sparsetorch.topology import Topology, named_tensors, select_tensors
+from sparsetorch.sparsifier import Sparsifier, warn_if_never_updates
+from sparsetorch.topology import (
+    Topology,
+    check_materialized,
+    named_tensors,
+    select_tensors,
+)
 
 __all__ = ["sparsify"]
 
@@ -133,7 +139,7 @@ def sparsify(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
-    _distributed.check_unwrapped(model)
+    model, ddp = _distributed.unwrap(model)  # a DDP wrapper: its .module
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             "optimizer must be a torch.optim.Optimizer or None, got "
@@ -159,7 +165,9 @@ def sparsify(
             f"drop_schedule must be a name, got {drop_schedule!r}.\n"
             f"Known drop schedules: {sorted(DROP_SCHEDULES)}."
         )
-    if end_step is None and total_steps is not None and policy.dynamic:
+    end_from_total = end_step is None and total_steps is not None and policy.dynamic
+    if end_from_total:
+        assert total_steps is not None
         end_step = int(0.75 * total_steps)
         if (
             isinstance(begin_step, int)
@@ -185,8 +193,22 @@ def sparsify(
         drop_fraction=drop_fraction,
         drop_schedule=drop_schedule,
     )
+    if policy.dynamic:
+        warn_if_never_updates(
+            schedule,
+            f"total_steps={total_steps}" if end_from_total else f"end_step={end_step}",
+            stacklevel=2,
+        )
     fqns = select_tensors(model, include, exclude)
     tensors = dict(named_tensors(model))
+    for fqn in fqns:
+        check_materialized(fqn, tensors[fqn])
+    empty = [fqn for fqn in fqns if tensors[fqn].numel() == 0]
+    fqns = [fqn for fqn in fqns if fqn not in empty]
+    if not fqns:
+        raise ValueError(
+            f"Nothing to sparsify: every selected tensor has no elements: {empty}."
+        )
     frozen = [fqn for fqn in fqns if not tensors[fqn].requires_grad]
     if frozen and len(frozen) == len(fqns):
         raise ValueError(
@@ -204,7 +226,8 @@ def sparsify(
         _check_optimizer_holds(optimizer, {fqn: tensors[fqn] for fqn in fqns})
 
     generator = torch.Generator().manual_seed(seed)
-    topology = Topology(model, sparsities, generator)
+    stash = Stash()
+    topology = Topology(model, sparsities, generator, stash=stash)
     if frozen:
         warnings.warn(
             f"Skipped {len(frozen)} frozen tensor(s) (requires_grad=False), which "
@@ -217,8 +240,7 @@ def sparsify(
     state = generator.get_state()
     _distributed.broadcast_([state])
     generator.set_state(state)
-    _distributed.keep_masks_local(model, topology.masks.values())
-    topology.apply_masks(optimizer)
+    _distributed.keep_masks_local(model, topology.masks.values(), ddp)
     overall = sparsity
     if not isinstance(distribution, str):
         numel = {fqn: math.prod(shape) for fqn, shape in shapes.items()}
@@ -231,8 +253,13 @@ def sparsify(
         generator=generator,
         sparsity=overall,
         grow_init=grow_value,
-        skipped={fqn: "requires_grad=False" for fqn in frozen},
+        stash=stash,
+        skipped={
+            **{fqn: "no elements" for fqn in empty},
+            **{fqn: "requires_grad=False" for fqn in frozen},
+        },
     )
+    sparsifier._end_from_total = end_from_total
     sparsifier.set_execution(execution)
     return sparsifier
 

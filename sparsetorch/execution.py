@@ -609,6 +609,10 @@ def _unsupported(input: Tensor, weight: Tensor) -> str | None:
         return "autocast is enabled"
     if type(weight) not in _PLAIN or type(input) not in _PLAIN:
         return "the weight or input is a tensor subclass"
+    if _is_functorch(input) or _is_functorch(weight):
+        return "a torch.func transform (vmap, grad, ...) is active"
+    if torch.jit.is_tracing():  # type: ignore[attr-defined,no-untyped-call]
+        return "torch.jit.trace is recording"
     if forward_ad._current_level >= 0:
         return "forward-mode AD is active"
     if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
@@ -618,18 +622,69 @@ def _unsupported(input: Tensor, weight: Tensor) -> str | None:
     return None
 
 
+def _is_functorch(tensor: Tensor) -> bool:
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(tensor))
+
+
 def _linear_modules(
     topology: Topology,
 ) -> dict[str, tuple[nn.Linear, MaskParametrization]]:
-    """``tensor_fqn -> (module, parametrization)`` of masked ``nn.Linear`` weights."""
+    """``tensor_fqn -> (module, parametrization)`` of the masked weights that may
+    run sparse: those of ``nn.Linear`` modules computing ``nn.Linear.forward``."""
     modules = dict(topology.model.named_modules())
     found = {}
     for fqn, p in topology.parametrizations.items():
         module_fqn, _, name = fqn.rpartition(".")
         module = modules[module_fqn]
-        if name == "weight" and isinstance(module, nn.Linear):
+        if name == "weight" and _custom_forward(module) is None:
+            assert isinstance(module, nn.Linear)
             found[fqn] = (module, p)
     return found
+
+
+def _custom_forward(module: nn.Module) -> str | None:
+    """Why ``module`` must keep its own forward, or ``None`` for a plain Linear.
+
+    Sparse execution replaces ``nn.Linear.forward``; a subclass that overrides
+    it, or a forward set on the instance, computes something else, so it keeps
+    mask mode.
+    """
+    if not isinstance(module, nn.Linear):
+        return "not an nn.Linear"
+    if type(module).forward is not nn.Linear.forward:
+        cls = type(module)
+        if parametrize.is_parametrized(module):
+            cls = cls.__mro__[1]  # the class parametrize derived ParametrizedX from
+        return f"{cls.__name__} overrides forward"
+    current = module.__dict__.get("forward")
+    if current is not None and not isinstance(current, SparseExecution):
+        return "the instance has its own forward"
+    return None
+
+
+def mask_mode_reasons(topology: Topology) -> dict[str, str]:
+    """``tensor_fqn -> reason`` of masked ``nn.Linear`` weights kept in mask mode.
+
+    Example::
+
+        >>> import sparsetorch as st
+        >>> class Scaled(nn.Linear):
+        ...     def forward(self, x):
+        ...         return 2 * super().forward(x)
+        >>> model = nn.Sequential(Scaled(8, 8), nn.Linear(8, 8))
+        >>> sparsifier = st.sparsify(model, policy="static", execution="sparse")
+        >>> mask_mode_reasons(sparsifier.topology)
+        {'0.weight': 'Scaled overrides forward'}
+    """
+    modules = dict(topology.model.named_modules())
+    reasons = {}
+    for fqn in topology.parametrizations:
+        module_fqn, _, name = fqn.rpartition(".")
+        module = modules[module_fqn]
+        why = _custom_forward(module)
+        if name == "weight" and isinstance(module, nn.Linear) and why is not None:
+            reasons[fqn] = why
+    return reasons
 
 
 def set_execution(topology: Topology, execution: str) -> None:

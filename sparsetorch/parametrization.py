@@ -127,23 +127,49 @@ class MaskParametrization(nn.Module):
         self.active = (weakref.ref(self.mask), self.mask._version, positions)
 
     def forward(self, X: Tensor) -> Tensor:
+        if not torch.compiler.is_compiling():
+            param = None if self._param is None else self._param()
+            if X is not param:
+                if param is not None or not _is_leaf_parameter(X):
+                    # Another tensor stands in for the stored weight
+                    # (torch.func.functional_call, a torch.func transform, MAML's
+                    # computed weights): mask it out of place, so the output and
+                    # the gradient reaching it are masked, and leave the hooks on
+                    # the stored weight.
+                    return X * self.mask
+                self.attach(X)  # a copy's first forward: adopt its stored weight
         if self.stale:
-            # A state dict was loaded since the masks were last applied.
+            # Masks or a state dict were loaded since the masks were last applied.
             with torch.no_grad():
                 X.mul_(self.mask)
             self.stale = False
-        if not torch.compiler.is_compiling() and (
-            self._param is None or self._param() is not X
-        ):
-            # A deep copy made new parameters: follow them.
-            self.attach(X)
         return X
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        """Refuse ``module.weight = tensor`` on a sparsified weight (once attached).
+
+        Registration calls this once, before :meth:`attach`: then the value
+        passes through.
+        """
+        if self._param is None:
+            return value
+        raise RuntimeError(
+            "Cannot assign a new tensor to a sparsified weight (module.weight = "
+            "tensor, or torch.func.functional_call under the weight's dense "
+            "name): sparsetorch keeps the stored weight and its mask in step.\n"
+            "Write into it in place instead (with torch.no_grad(): "
+            "module.weight.copy_(tensor), then sparsifier.apply_masks()); for "
+            "functional_call, pass the tensor under the stored name "
+            "'<module>.parametrizations.<name>.original' (the key in "
+            "model.named_parameters())."
+        )
 
     def attach(self, param: Tensor) -> None:
         """Install the gradient hooks on ``param``, the stored weight.
 
-        Called once when sparsifying; the forward calls it again by itself when it
-        meets a new stored tensor (after :func:`copy.deepcopy`, say).
+        Called when sparsifying, by a copy (:func:`copy.deepcopy`) for its own
+        stored weight, and after ``load_state_dict(..., assign=True)`` put a new
+        tensor in place of the stored weight.
         """
         self.detach()
         self._param = weakref.ref(param)
@@ -190,7 +216,18 @@ class MaskParametrization(nn.Module):
         memo[id(self)] = replica
         replica.stale = self.stale
         replica.training = self.training
+        # Copying a module copies its stored weight before this parametrization
+        # (``_parameters`` precede ``_modules``): adopt that copy. A replica
+        # copied on its own adopts the first leaf weight it is called with.
+        param = None if self._param is None else self._param()
+        copied = memo.get(id(param)) if param is not None else None
+        if isinstance(copied, Tensor):
+            replica.attach(copied)
         return replica
+
+
+def _is_leaf_parameter(tensor: Tensor) -> bool:
+    return isinstance(tensor, nn.Parameter) and tensor.is_leaf
 
 
 class _CaptureHook:

@@ -5,25 +5,49 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from sparsetorch import _distributed
+from sparsetorch import _distributed, _optim
 from sparsetorch._checkpoint import (
     FORMAT_VERSION,
     READABLE_VERSIONS,
     decode_mask,
     encode_mask,
 )
-from sparsetorch.execution import export_sparse, set_execution
+from sparsetorch._stash import Stash
+from sparsetorch.execution import export_sparse, mask_mode_reasons, set_execution
+from sparsetorch.parametrization import _mask_
 from sparsetorch.policies.base import Policy, _update_mask
 from sparsetorch.schedule import Schedule
 from sparsetorch.topology import Topology
 
 __all__ = ["Sparsifier"]
+
+#: Every sparsifier not yet removed: the global optimizer step pre-hook
+#: (:func:`_adopt_unattached`) looks here for the masks of the weights an
+#: optimizer steps.
+_LIVE: weakref.WeakSet[Sparsifier] = weakref.WeakSet()
+_GLOBAL_HOOK: Any = None
+
+
+class _Attached:
+    """One optimizer whose state a sparsifier keeps in step with the masks."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, counts: bool) -> None:
+        self.optimizer = optimizer
+        self.counts = counts
+        self.handles: list[Any] = []
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
 
 class Sparsifier:
@@ -50,6 +74,9 @@ class Sparsifier:
             post-hook. Default: ``True`` when an optimizer is given.
         skipped: ``tensor_fqn -> reason`` of selected tensors left dense
             (frozen ones), listed under the summary. Default: ``None``.
+        stash: the values the topology's initial masks zeroed (see
+            ``sparsetorch._stash``), restored if masks are loaded before
+            anything writes the weights. Default: ``None``.
     """
 
     def __init__(
@@ -64,12 +91,14 @@ class Sparsifier:
         grow_init: float = 0.0,
         count_optimizer_steps: bool | None = None,
         skipped: Mapping[str, str] | None = None,
+        stash: Stash | None = None,
     ) -> None:
+        if count_optimizer_steps and optimizer is None:
+            raise ValueError("count_optimizer_steps=True needs an optimizer.")
         self.topology = topology
         self.skipped = dict(skipped or {})
         self.policy = policy
         self.schedule = schedule
-        self.optimizer = optimizer
         self.generator = generator
         self.sparsity = sparsity
         self.grow_init = grow_init
@@ -77,14 +106,201 @@ class Sparsifier:
         self.update_count = 0
         self.capture_steps = 1
         self.execution = "mask"
-        self._hook = None
-        if count_optimizer_steps is None:
-            count_optimizer_steps = optimizer is not None
-        if count_optimizer_steps:
-            if optimizer is None:
-                raise ValueError("count_optimizer_steps=True needs an optimizer.")
-            self._hook = optimizer.register_step_post_hook(self._on_optimizer_step)
+        #: ``tensor_fqn -> updates it sat out`` for want of a gradient.
+        self.missed_updates: dict[str, int] = {}
+        self._removed = False
+        self._end_from_total = False
+        self._attached: dict[int, _Attached] = {}
+        self._unrelated: weakref.WeakKeyDictionary[torch.optim.Optimizer, int] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._capture_by_hand = False
+        self._stash = Stash() if stash is None else stash
+        if optimizer is not None:
+            if count_optimizer_steps is None:
+                count_optimizer_steps = True
+            self.attach_optimizer(optimizer, count_steps=count_optimizer_steps)
+        _LIVE.add(self)
+        _install_global_hook()
         self._arm()
+
+    # -- optimizers ---------------------------------------------------------------
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer whose steps are counted, else the first one attached."""
+        counting = [a for a in self._attached.values() if a.counts]
+        chosen = counting or list(self._attached.values())
+        return chosen[0].optimizer if chosen else None
+
+    @optimizer.setter
+    def optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        self.attach_optimizer(optimizer, count_steps=False)
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Every optimizer whose state is kept in step with the masks."""
+        return [a.optimizer for a in self._attached.values()]
+
+    def attach_optimizer(self, optimizer: Any, *, count_steps: bool = True) -> None:
+        """Keep ``optimizer``'s state in step with the masks (and count its steps).
+
+        For an optimizer built after :func:`~sparsetorch.sparsify` (frameworks
+        build it late). A framework's wrapper is unwrapped (Accelerate's
+        ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``: whatever
+        holds the torch optimizer as ``.optimizer`` or ``._optimizer``). Its
+        state is reset outside the masks now, and so is the state every later
+        ``optimizer.load_state_dict`` brings (a dense run's; a checkpoint saved
+        with the parameters in another order is re-keyed first). Masks loaded
+        before the next step (``sparsifier.load_state_dict``) restore what such
+        a reset cut, so the load order does not matter. With ``count_steps``, each
+        ``optimizer.step()`` advances the sparsifier, which updates the
+        topology inside the call on scheduled steps.
+
+        Any torch optimizer that steps masked weights without being attached
+        is attached by sparsetorch before that step, with ``count_steps=False``.
+
+        Args:
+            optimizer: a ``torch.optim.Optimizer`` holding masked weights, or a
+                wrapper of one.
+            count_steps: count its steps (at most one optimizer does).
+                Default: ``True``.
+
+        Raises:
+            TypeError: ``optimizer`` is not an optimizer or a wrapper of one.
+            ValueError: it holds none of the masked weights, or (to count
+                steps) not all the trained ones.
+            RuntimeError: another optimizer already counts the steps, or the
+                sparsifier was removed.
+
+        Nothing changes when it raises.
+
+        Example::
+
+            >>> import torch
+            >>> import sparsetorch as st
+            >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+            >>> sparsifier = st.sparsify(model, policy="static", sparsity=0.5)
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            >>> sparsifier.attach_optimizer(opt)
+            >>> model(torch.randn(2, 8)).sum().backward()
+            >>> opt.step()
+            >>> sparsifier.step_count
+            1
+        """
+        self._check_live()
+        if not isinstance(count_steps, bool):
+            raise TypeError(f"count_steps must be True or False, got {count_steps!r}.")
+        optimizer = _optim.unwrap_optimizer(optimizer)
+        attached = self._attached.get(id(optimizer))
+        counting = [a for a in self._attached.values() if a.counts]
+        if count_steps and counting and counting[0].optimizer is not optimizer:
+            raise RuntimeError(
+                "This sparsifier already counts the steps of another optimizer "
+                f"({type(counting[0].optimizer).__name__}); counting two would "
+                "advance the schedule twice per step.\nAttach this one with "
+                "count_steps=False."
+            )
+        if count_steps and self._manual_steps():
+            raise RuntimeError(
+                f"This sparsifier has counted {self.step_count} steps by hand "
+                "(sparsifier.step()); counting the optimizer's steps as well "
+                "would count each step twice.\nKeep calling sparsifier.step(), "
+                "and attach with count_steps=False."
+            )
+        params = self.topology.params
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        mine = [fqn for fqn, p in params.items() if id(p) in held]
+        if not mine:
+            raise ValueError(
+                f"The optimizer holds none of the masked weights {list(params)}.\n"
+                "Pass the optimizer built over model.parameters()."
+            )
+        missing = [
+            fqn for fqn, p in params.items() if id(p) not in held and p.requires_grad
+        ]
+        if count_steps and missing:
+            raise ValueError(
+                f"The optimizer does not hold the parameters {missing}.\n"
+                "Pass the optimizer built over model.parameters()."
+            )
+        # Everything is checked: from here on state changes.
+        if attached is None:
+            attached = _Attached(optimizer, counts=False)
+            attached.handles = [
+                optimizer.register_step_pre_hook(self._before_optimizer_step),
+                optimizer.register_load_state_dict_post_hook(
+                    self._after_optimizer_load
+                ),
+            ]
+            if isinstance(optimizer, _optim.NON_ELEMENTWISE):
+                attached.handles.append(
+                    optimizer.register_step_post_hook(self._remask_after_step)
+                )
+            self._attached[id(optimizer)] = attached
+            self._unrelated.pop(optimizer, None)
+            self._settle(optimizer)
+        if count_steps and not attached.counts:
+            attached.counts = True
+            attached.handles.append(
+                optimizer.register_step_post_hook(self._on_optimizer_step)
+            )
+
+    def _manual_steps(self) -> bool:
+        return self.step_count > 0 and not any(
+            a.counts for a in self._attached.values()
+        )
+
+    def _before_optimizer_step(
+        self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
+    ) -> None:
+        if self._stash:
+            self._stash.clear()  # training moves on: nothing to restore any more
+
+    def _settle(self, optimizer: torch.optim.Optimizer) -> None:
+        """Re-key misordered loaded state, then reset it outside the masks."""
+        _optim.fix_state_order(optimizer, self.topology.parameter_orders())
+        groups = _optim.param_groups_of(optimizer)
+        with torch.no_grad():
+            for param, mask in zip(
+                self.topology.params.values(), self.masks.values(), strict=True
+            ):
+                group = groups.get(id(param))
+                if group is not None:
+                    _optim.reset_state(optimizer, param, mask, group, self._stash)
+
+    def _after_optimizer_load(self, optimizer: torch.optim.Optimizer) -> None:
+        if id(optimizer) in self._attached:
+            self._settle(optimizer)
+
+    def _remask_after_step(
+        self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
+    ) -> None:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        with torch.no_grad():
+            for param, mask in zip(
+                self.topology.params.values(), self.masks.values(), strict=True
+            ):
+                if id(param) in held:
+                    _mask_(param, mask)
+
+    def _adopt(self, optimizer: torch.optim.Optimizer) -> None:
+        """Attach ``optimizer`` if it steps masked weights (global pre-hook)."""
+        if id(optimizer) in self._attached:
+            return
+        count = sum(len(g["params"]) for g in optimizer.param_groups)
+        if self._unrelated.get(optimizer) == count:
+            return
+        params = {id(p) for p in self.topology.params.values()}
+        if any(id(p) in params for g in optimizer.param_groups for p in g["params"]):
+            self.attach_optimizer(optimizer, count_steps=False)
+        else:
+            self._unrelated[optimizer] = count
+
+    def _detach_optimizers(self) -> None:
+        for attached in self._attached.values():
+            attached.remove()
+        self._attached = {}
 
     # -- stepping -----------------------------------------------------------------
 
@@ -97,11 +313,29 @@ class Sparsifier:
         """Count one optimizer step; update the topology if the schedule says so.
 
         Called for you after every ``optimizer.step()`` when ``sparsify`` was
-        given the optimizer; call it yourself otherwise.
+        given the optimizer (or :meth:`attach_optimizer` counts its steps);
+        call it yourself otherwise, right after each optimizer step.
 
         Returns:
             Whether the topology was updated.
+
+        Raises:
+            RuntimeError: an optimizer already counts the steps (each would be
+                counted twice), or the sparsifier was removed.
         """
+        self._check_live()
+        counting = [a for a in self._attached.values() if a.counts]
+        if counting:
+            raise RuntimeError(
+                "sparsifier.step() counts a step by hand, but this sparsifier "
+                "already counts the steps of its optimizer "
+                f"({type(counting[0].optimizer).__name__}): each step would count "
+                "twice.\nRemove the sparsifier.step() call: optimizer.step() "
+                "advances the sparsifier."
+            )
+        return self._count()
+
+    def _count(self) -> bool:
         self.step_count += 1
         updated = False
         if self.policy.dynamic and self.schedule.is_update_step(self.step_count):
@@ -112,21 +346,24 @@ class Sparsifier:
     def _on_optimizer_step(
         self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
     ) -> None:
-        self.step()
+        self._count()
 
     def _arm(self) -> None:
         """Capture dense gradients only in the backward passes before an update.
 
         That is the next step's, or the next ``capture_steps`` steps' when
         gradients are summed over several steps (``RigLScheduler``'s
-        ``grad_accumulation_n``).
+        ``grad_accumulation_n``), or every backward pass until the next update
+        after :meth:`capture_dense_grads`.
         """
-        capture = (
-            self.policy.dynamic
-            and self.policy.needs_grad
-            and any(
-                self.schedule.is_update_step(self.step_count + i)
-                for i in range(1, self.capture_steps + 1)
+        capture = self.policy.needs_grad and (
+            self._capture_by_hand
+            or (
+                self.policy.dynamic
+                and any(
+                    self.schedule.is_update_step(self.step_count + i)
+                    for i in range(1, self.capture_steps + 1)
+                )
             )
         )
         across = self.capture_steps > 1
@@ -140,26 +377,80 @@ class Sparsifier:
             if p.accumulate_across_steps != across:
                 p.accumulate_across_steps = across
 
+    def capture_dense_grads(self) -> None:
+        """Keep the dense gradient of the coming backward passes for :meth:`update`.
+
+        sparsetorch captures the dense gradient (RigL grows where it is
+        largest) only in the backward pass before a scheduled update. To call
+        :meth:`update` by hand at another step, call this before that step's
+        backward pass; capturing stops at the next update.
+
+        Example::
+
+            >>> import torch
+            >>> import sparsetorch as st
+            >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+            >>> sparsifier = st.sparsify(model, policy="rigl", sparsity=0.5,
+            ...                          total_steps=1000)
+            >>> sparsifier.capture_dense_grads()
+            >>> model(torch.randn(2, 8)).sum().backward()
+            >>> sparsifier.update()
+            True
+        """
+        self._check_live()
+        self._capture_by_hand = True
+        self._arm()
+
     @torch.no_grad()
     def update(self) -> bool:
         """Run one topology update now, with the drop fraction of the current step.
+
+        A tensor that got no gradient since the last update (an unused branch,
+        a mixture-of-experts expert that got no tokens) keeps its mask when the
+        policy grows by gradient, and a frozen tensor (``requires_grad=False``)
+        always keeps it; :attr:`missed_updates` counts them and the summary
+        lists them. The other tensors update.
 
         Returns:
             ``False`` when the update was skipped because a weight or gradient
             was NaN or infinite (a warning says which); ``True`` otherwise.
 
         Raises:
-            RuntimeError: the weights were sharded (FSDP) after sparsifying.
+            RuntimeError: the weights were sharded (FSDP) after sparsifying;
+                the policy needs dense gradients and none were captured (call
+                :meth:`capture_dense_grads` before the backward pass of a
+                manual update); the sparsifier was removed.
         """
+        self._check_live()
         fraction = self.schedule.drop_fraction_at(self.step_count)
         weights = self.topology.params
         _distributed.check_params_unsharded(weights)
         parametrizations = self.topology.parametrizations
+        needs_grad = self.policy.needs_grad
+        if needs_grad and not any(p.capturing for p in parametrizations.values()):
+            raise RuntimeError(
+                f"{type(self.policy).__name__} grows where the dense gradient is "
+                "largest, which sparsetorch keeps only in the backward pass "
+                "before a scheduled update (the next is at step "
+                f"{self.next_update_step()}); none was kept for this one.\nTo "
+                "update by hand, call sparsifier.capture_dense_grads() before "
+                "the backward pass, then sparsifier.update()."
+            )
         grads = {
-            fqn: p.dense_grad if self.policy.needs_grad else None
+            fqn: p.dense_grad if needs_grad else None
             for fqn, p in parametrizations.items()
         }
-        _distributed.average_([g for g in grads.values() if g is not None])
+        skip = {fqn for fqn, w in weights.items() if not w.requires_grad}
+        if needs_grad:
+            received = _distributed.any_rank([grads[fqn] is not None for fqn in grads])
+            for (fqn, grad), anywhere in zip(grads.items(), received, strict=True):
+                if not anywhere:
+                    skip.add(fqn)
+                elif grad is None:  # another rank has one: this rank adds zeros
+                    grads[fqn] = torch.zeros_like(weights[fqn])
+        _distributed.average_(
+            [g for fqn, g in grads.items() if g is not None and fqn not in skip]
+        )
         new_masks = {}
         positions = {}  # the new masks' active positions, where they are kept
         targets = self.topology.targets  # == each mask's active count, no sync
@@ -167,7 +458,7 @@ class Sparsifier:
             for fqn, mask in self.masks.items():
                 n_active = targets[fqn]
                 n_drop = int(n_active * fraction)
-                if n_drop == 0 or n_active == mask.numel():
+                if n_drop == 0 or n_active == mask.numel() or fqn in skip:
                     continue
                 p = parametrizations[fqn]
                 new_masks[fqn], positions[fqn] = _update_mask(
@@ -191,12 +482,18 @@ class Sparsifier:
         finally:
             for p in parametrizations.values():
                 p.release()
-        self.topology.apply(new_masks, self.optimizer, self.grow_init)
+            self._capture_by_hand = False
+            self._stash.clear()
+        for fqn in skip:
+            self.missed_updates[fqn] = self.missed_updates.get(fqn, 0) + 1
+        self.topology.apply(new_masks, self.optimizers, self.grow_init)
         for fqn, found in positions.items():
             if found is not None:
                 parametrizations[fqn].keep_active_positions(found)
-        if new_masks and isinstance(self.optimizer, torch.optim.LBFGS):
-            _restart_lbfgs(self.optimizer)
+        if new_masks:
+            for optimizer in self.optimizers:
+                if isinstance(optimizer, torch.optim.LBFGS):
+                    _restart_lbfgs(optimizer)
         self.update_count += 1
         return True
 
@@ -256,6 +553,7 @@ class Sparsifier:
             TypeError: the checkpoint is not a dict, or a mask has the wrong type.
             RuntimeError: the weights were sharded (FSDP) after sparsifying.
         """
+        self._check_live()
         _distributed.check_params_unsharded(self.topology.params)
         if not isinstance(state_dict, Mapping):
             raise TypeError(
@@ -328,10 +626,11 @@ class Sparsifier:
             for fqn, mask in mine.items()
         }
         # Everything is checked: from here on state changes.
+        self._stash.restore()  # what the masks in place cut since the last write
         with torch.no_grad():
             for fqn, mask in loaded.items():
                 mine[fqn].copy_(mask)
-        self.topology.apply_masks(self.optimizer)
+        self.apply_masks()
         self.generator.set_state(generator_state)
         self.step_count = counts["step"]
         self.update_count = counts["updates"]
@@ -357,7 +656,11 @@ class Sparsifier:
             >>> int(layer.weight.count_nonzero())
             8
         """
-        self.topology.apply_masks(self.optimizer)
+        self._check_live()
+        self.topology.apply_masks()
+        for optimizer in self.optimizers:
+            self._settle(optimizer)
+        self._stash.clear()
 
     def remove(self) -> None:
         """Bake the masks into the weights and remove every parametrization and hook.
@@ -368,12 +671,21 @@ class Sparsifier:
         Raises:
             RuntimeError: the weights were sharded (FSDP) after sparsifying.
         """
+        self._check_live()
         _distributed.check_params_unsharded(self.topology.params)
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
         set_execution(self.topology, "mask")
+        self.apply_masks()
+        self._detach_optimizers()
         self.topology.remove()
+        self._removed = True
+        _LIVE.discard(self)
+
+    def _check_live(self) -> None:
+        if self._removed:
+            raise RuntimeError(
+                "This sparsifier was removed (sparsifier.remove() baked the masks "
+                "into a plain model).\nTo train sparse again, call sparsify() anew."
+            )
 
     def set_execution(self, execution: str) -> None:
         """Switch the masked ``nn.Linear`` layers to ``execution``.
@@ -432,8 +744,50 @@ class Sparsifier:
         k = math.ceil(k / s.update_interval) * s.update_interval
         return k if k < s.end_step else None
 
+    def set_total_steps(self, total_steps: int) -> None:
+        """Set the run's length once it is known (frameworks know it at fit start).
+
+        ``end_step`` becomes ``int(0.75 * total_steps)``, as with
+        ``sparsify(..., total_steps=...)``, unless ``end_step`` was given
+        explicitly to ``sparsify``.
+
+        Raises:
+            TypeError: ``total_steps`` is not an int.
+            ValueError: ``total_steps < 1``.
+
+        Warns when it leaves no step for an update of a dynamic policy.
+
+        Example::
+
+            >>> import torch
+            >>> import sparsetorch as st
+            >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+            >>> sparsifier = st.sparsify(model, policy="set", total_steps=100)
+            >>> sparsifier.set_total_steps(2000)
+            >>> sparsifier.schedule.end_step
+            1500
+        """
+        self._check_live()
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int):
+            raise TypeError(f"total_steps must be an int, got {total_steps!r}.")
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}.")
+        if not self.policy.dynamic or not self._end_from_total:
+            return
+        schedule = dataclasses.replace(self.schedule, end_step=int(0.75 * total_steps))
+        warn_if_never_updates(schedule, f"total_steps={total_steps}", stacklevel=2)
+        self.schedule = schedule
+        self._arm()
+
     def summary(self) -> str:
-        """A table, one line per tensor: shape, target and actual sparsity, counts."""
+        """A table, one line per tensor: shape, target and actual sparsity, counts.
+
+        Notes follow the table: tensors left dense, tensors that sat out
+        updates, and ``nn.Linear`` layers kept in mask mode under sparse
+        execution.
+        """
+        if self._removed:
+            return "(removed: the masks are baked into the model's weights)"
         rows = []
         total_active = total_numel = 0
         sparsities = self.topology.sparsities
@@ -467,15 +821,73 @@ class Sparsifier:
                 f"  {active:>9}  {numel:>9}"
             )
         lines += [f"skipped: {fqn} ({why}, dense)" for fqn, why in self.skipped.items()]
+        lines += [
+            f"not updated: {fqn} sat out {n} update(s) (no gradient, or frozen)"
+            for fqn, n in self.missed_updates.items()
+        ]
+        if self.execution != "mask":
+            lines += [
+                f"mask mode: {fqn} ({why})"
+                for fqn, why in mask_mode_reasons(self.topology).items()
+            ]
         return "\n".join(lines)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Sparsifier:
+        raise TypeError(
+            "A Sparsifier cannot be copied: it is bound to one model's masks and "
+            "one optimizer's hooks, and a copy would silently stop counting "
+            "steps.\nTo copy a sparse run, build a fresh model, load "
+            "model.state_dict() into it (the dense keys), sparsify it with the "
+            "same settings, and load this state: new = sparsify(fresh, "
+            "fresh_optimizer, ...); new.load_state_dict(sparsifier.state_dict())."
+        )
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "A Sparsifier cannot be pickled: save sparsifier.state_dict() instead "
+            "(it loads with torch.load(..., weights_only=True))."
+        )
+
     def __repr__(self) -> str:
+        if self._removed:
+            return "Sparsifier(removed)"
         nxt = self.next_update_step()
         return (
             f"Sparsifier(policy={self.policy!r}, step={self.step_count}, "
             f"updates={self.update_count}, next_update="
             f"{'none' if nxt is None else nxt})\n{self.summary()}"
         )
+
+
+def warn_if_never_updates(schedule: Schedule, source: str, stacklevel: int) -> None:
+    """Warn when a dynamic ``schedule`` has no update step: a static mask."""
+    if schedule.end_step is None:
+        return
+    first = max(schedule.begin_step, 1)
+    first = math.ceil(first / schedule.update_interval) * schedule.update_interval
+    if first >= schedule.end_step:
+        warnings.warn(
+            f"{source} leaves no step for topology updates: they stop at "
+            f"end_step={schedule.end_step}, but the first update would come at "
+            f"step {first} (update_interval={schedule.update_interval}, "
+            f"begin_step={schedule.begin_step}), so the masks never change.\n"
+            "Pass a smaller update_interval, or a larger total_steps or "
+            'end_step; for a fixed mask, say policy="static".',
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
+
+
+def _install_global_hook() -> None:
+    global _GLOBAL_HOOK
+    if _GLOBAL_HOOK is None:
+        _GLOBAL_HOOK = register_optimizer_step_pre_hook(_adopt_unattached)
+
+
+def _adopt_unattached(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Global optimizer step pre-hook: attach optimizers stepping masked weights."""
+    for sparsifier in list(_LIVE):
+        sparsifier._adopt(optimizer)
 
 
 def _check_version(state_dict: Mapping[str, Any]) -> int:

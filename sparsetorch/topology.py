@@ -12,6 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from sparsetorch._optim import reset_state
+from sparsetorch._stash import Stash
 from sparsetorch.distributions import active_count
 from sparsetorch.parametrization import MaskParametrization, _mask_
 
@@ -54,15 +56,31 @@ def select_tensors(
     model: nn.Module,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    *,
+    skipped: dict[str, str] | None = None,
 ) -> list[str]:
     """The ``tensor_fqn`` of every tensor to sparsify, in model order.
 
-    By default: the ``weight`` of every ``nn.Linear``, ``nn.Conv{1,2,3}d`` and
-    ``nn.ConvTranspose{1,2,3}d`` (``nn.MultiheadAttention``'s ``out_proj`` is an
-    ``nn.Linear``); biases, norms, embeddings, recurrent weights and
-    ``in_proj_weight`` stay dense unless ``include`` names them. A tensor shared
-    by several modules (tied weights) is selected once, under its first name in
-    model order: it gets one mask, and every module using it sees that mask.
+    By default: the ``weight`` of every ``nn.Linear``, ``nn.Conv{1,2,3}d``,
+    ``nn.ConvTranspose{1,2,3}d`` and Hugging Face ``Conv1D`` (GPT-2's linear
+    layers; matched by class path, so transformers is never imported here)
+    (``nn.MultiheadAttention``'s ``out_proj`` is an ``nn.Linear``); biases,
+    norms, embeddings, recurrent weights and ``in_proj_weight`` stay dense
+    unless ``include`` names them. ``Conv1D`` stores its weight as
+    ``(in, out)``, the transpose of ``nn.Linear``'s ``(out, in)``; the ER and
+    ERK allocations are symmetric in the two dimensions, so this changes
+    nothing for them.
+
+    A tensor shared by several modules (tied weights) is selected once, under
+    its first name in model order: it gets one mask, and every module using it
+    sees that mask. An output layer tied to an input embedding (GPT-2's
+    ``lm_head.weight`` is ``transformer.wte.weight``) is the exception: by
+    default it stays dense, so that the embedding is not sparsified through
+    the head and the model's ``tie_weights()`` and
+    ``resize_token_embeddings()`` keep working; it is reported in ``skipped``.
+    ``include`` may name it on a plain PyTorch model, not on a model with
+    ``tie_weights()`` (Hugging Face), whose re-tying cannot go through a
+    parametrized weight.
 
     Args:
         model: the model.
@@ -70,9 +88,13 @@ def select_tensors(
             every parameter matching one of them (any module type).
         exclude: fnmatch globs over ``tensor_fqn`` removed from the selection;
             exclude wins over include.
+        skipped: if given, filled with ``{tensor_fqn: reason}`` for the
+            default-selected tensors left dense (tied input embeddings).
 
     Raises:
-        ValueError: a glob matches no tensor, or nothing is selected.
+        ValueError: a glob matches no tensor, nothing is selected, or
+            ``include`` names an embedding tied to an output layer of a model
+            with ``tie_weights()``.
 
     Example::
 
@@ -93,11 +115,19 @@ def select_tensors(
                 f'Example: {name}=["encoder.*.weight"].'
             )
     tensors = dict(named_tensors(model))
+    # Default types named by class path: their libraries need not be imported.
+    paths = ("transformers.pytorch_utils.Conv1D",)
     if include is None:
         selected = [
             f"{module_fqn}.weight" if module_fqn else "weight"
             for module_fqn, module in model.named_modules()
-            if isinstance(module, DEFAULT_MODULE_TYPES)
+            if (
+                isinstance(module, DEFAULT_MODULE_TYPES)
+                or any(
+                    f"{c.__module__}.{c.__qualname__}" in paths
+                    for c in type(module).__mro__
+                )
+            )
             and isinstance(getattr(module, "weight", None), Tensor)
         ]
     else:
@@ -124,6 +154,35 @@ def select_tensors(
             "(weight_norm, say) or not parameters, so sparsetorch cannot mask them."
             f"\nLeave them dense: exclude={computed}."
         )
+    # Output layers tied to an input embedding: {tensor_fqn: the other names}.
+    embeddings = {
+        id(tensors[f"{module_fqn}.weight" if module_fqn else "weight"])
+        for module_fqn, module in model.named_modules()
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+        and (f"{module_fqn}.weight" if module_fqn else "weight") in tensors
+    }
+    tied = {
+        fqn: [f for f, t in tensors.items() if t is tensors[fqn] and f != fqn]
+        for fqn in selected
+        if id(tensors[fqn]) in embeddings
+    }
+    tied = {fqn: others for fqn, others in tied.items() if others}
+    if tied and include is None:
+        for fqn, others in tied.items():
+            selected.remove(fqn)
+            if skipped is not None:
+                skipped[fqn] = f"tied to {', '.join(others)}, an input embedding"
+    elif tied and callable(getattr(model, "tie_weights", None)):
+        pair = sorted({f for fqn, others in tied.items() for f in (fqn, *others)})
+        raise ValueError(
+            f"Cannot sparsify {sorted(tied)}: an input embedding tied to an "
+            f"output layer ({' = '.join(pair)}), in a model with "
+            "tie_weights().\nThe model re-ties them by assignment "
+            "(tie_weights(), resize_token_embeddings()), which a sparsified "
+            "weight cannot take. Leave them dense: "
+            f"exclude={pair}; or untie them before "
+            "building the model (config.tie_word_embeddings=False)."
+        )
     seen: set[int] = set()
     for fqn in list(selected):  # tied weights: keep the first name only
         if id(tensors[fqn]) in seen:
@@ -133,10 +192,31 @@ def select_tensors(
         raise ValueError(
             "Nothing to sparsify: no tensor is selected.\n"
             f"tensors: {sorted(tensors)}\n"
-            "By default the weights of nn.Linear and nn.Conv* layers are selected; "
-            'pass include=["..."] to choose tensors by name.'
+            "By default the weights of nn.Linear and nn.Conv* layers are selected "
+            "(an output layer tied to an input embedding stays dense); pass "
+            'include=["..."] to choose tensors by name.'
         )
     return selected
+
+
+def check_materialized(fqn: str, tensor: Tensor) -> None:
+    """Raise unless ``tensor`` has a shape and values (not lazy, not meta).
+
+    Raises:
+        ValueError: naming ``fqn`` and how to materialize it.
+    """
+    if isinstance(tensor, nn.parameter.UninitializedParameter):
+        raise ValueError(
+            f"{fqn!r} is not initialized yet (lazy modules such as nn.LazyLinear "
+            "learn their shapes at the first forward).\nRun the model once on a "
+            "batch, then sparsify: model(example_input); sparsify(model, ...)."
+        )
+    if tensor.is_meta:
+        raise ValueError(
+            f"{fqn!r} is on the meta device (no values yet).\nMaterialize the "
+            "model first (model.to_empty(device=...), then initialize it), then "
+            "sparsify."
+        )
 
 
 @dataclass(eq=False)
@@ -171,6 +251,8 @@ class Topology:
         model: the model, changed in place.
         sparsities: ``tensor_fqn -> sparsity``.
         generator: CPU generator for the initial masks.
+        stash: keeps the weights' values that the initial masks zero, so that
+            masks loaded next can restore them. Default: ``None``.
 
     Raises:
         ValueError: a tensor is missing, already sparsified, or shared.
@@ -189,6 +271,8 @@ class Topology:
         model: nn.Module,
         sparsities: Mapping[str, float],
         generator: torch.Generator,
+        *,
+        stash: Stash | None = None,
     ) -> None:
         self.model = model
         modules = dict(model.named_modules())
@@ -213,10 +297,17 @@ class Topology:
                     f"only one.\nLeave it dense: exclude=[{fqn!r}]."
                 )
             tensor = module._parameters.get(name)
+            if tensor is not None:
+                check_materialized(fqn, tensor)
             if not isinstance(tensor, nn.Parameter):
                 raise TypeError(
                     f"{fqn!r} must be an nn.Parameter to be sparsified, got "
                     f"{type(getattr(module, name, None)).__name__}."
+                )
+            if tensor.numel() == 0:
+                raise ValueError(
+                    f"{fqn!r} has no elements (shape {tuple(tensor.shape)}): "
+                    "there is nothing to mask.\nLeave it out: exclude=[...]."
                 )
             if not tensor.is_floating_point():
                 raise TypeError(
@@ -262,8 +353,10 @@ class Topology:
             mask = torch.zeros(weight.numel(), dtype=torch.bool)
             mask[perm[:target]] = True
             mask = mask.view(weight.shape).to(weight.device)
-            with torch.no_grad():
-                weight.mul_(mask)
+            if stash is None:
+                _mask_(weight, mask)
+            else:
+                stash.keep(weight, mask, functools.partial(_mask_, weight, mask))
             p = MaskParametrization(mask)
             parametrize.register_parametrization(module, name, p)
             p.attach(_plist(module, name).original)
@@ -327,6 +420,28 @@ class Topology:
         """``tensor_fqn -> exact number of active weights``."""
         return {fqn: e.target for fqn, e in self._entries.items()}
 
+    def parameter_orders(self) -> list[list[Tensor]]:
+        """The model's parameters in the two orders an optimizer may list them.
+
+        ``model.parameters()`` before sparsifying lists a module's weight before
+        its bias; after, the weight comes last (it moved into
+        ``parametrizations``). Used to re-key optimizer state loaded by position.
+        """
+        modules = dict(self.model.named_modules())
+        dense: list[Tensor] = []
+        for module_fqn, module in modules.items():
+            if isinstance(module, parametrize.ParametrizationList):
+                continue
+            order = self._param_order.get(module_fqn, list(module._parameters))
+            for name in order:
+                tensor = module._parameters.get(name)
+                if tensor is None and parametrize.is_parametrized(module, name):
+                    tensor = _plist(module, name).original
+                if tensor is not None:
+                    dense.append(tensor)
+        unique = list({id(t): t for t in dense}.values())
+        return [unique, list(self.model.parameters())]
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -337,16 +452,17 @@ class Topology:
     def apply(
         self,
         new_masks: Mapping[str, Tensor],
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizers: Sequence[torch.optim.Optimizer] = (),
         grow_value: float = 0.0,
     ) -> None:
         """Write new masks in place and make weights and optimizer state agree.
 
         Every position that is not kept (active both before and after) gets zero
-        in the stored weight and in every optimizer state tensor of the weight's
-        shape; newly grown positions then get ``grow_value``. The whole weight is
-        re-masked, so anything written outside the mask since the last update is
-        cleared too.
+        in the stored weight, and every optimizer state tensor of the weight's
+        shape is reset there (:func:`sparsetorch._optim.reset_state`); newly
+        grown positions then get ``grow_value``. The whole weight is re-masked,
+        so anything written outside the mask since the last update is cleared
+        too.
         """
         for fqn, new in new_masks.items():
             entry = self._entries[fqn]
@@ -359,20 +475,18 @@ class Topology:
                 param.masked_fill_(new & ~old, grow_value)
             if param.grad is not None:
                 _mask_(param.grad, new)
-            if optimizer is not None:
-                _keep_state(optimizer, param, keep)
+            for optimizer in optimizers:
+                reset_state(optimizer, param, keep)
             old.copy_(new)
             entry.parametrization.stale = False
 
     @torch.no_grad()
-    def apply_masks(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Zero the stored weights (and optimizer state) outside the current masks."""
+    def apply_masks(self, optimizers: Sequence[torch.optim.Optimizer] = ()) -> None:
+        """Zero the stored weights (and reset optimizer state) outside the masks."""
         for entry in self._entries.values():
             _mask_(entry.param, entry.mask)
-            if optimizer is not None:
-                # A multiply, like apply(): it keeps the sign of zeros, so a
-                # resumed run stays bit-identical (masked_fill would write +0).
-                _keep_state(optimizer, entry.param, entry.mask)
+            for optimizer in optimizers:
+                reset_state(optimizer, entry.param, entry.mask)
             entry.parametrization.stale = False
 
     def remove(self) -> None:
@@ -430,16 +544,6 @@ def _remask_stale(
             with torch.no_grad():
                 param.mul_(p.mask)
             p.stale = False
-
-
-def _keep_state(optimizer: torch.optim.Optimizer, param: Tensor, keep: Tensor) -> None:
-    """Zero every optimizer state tensor of ``param``'s shape outside ``keep``."""
-    for value in optimizer.state.get(param, {}).values():
-        if isinstance(value, Tensor) and value.shape == param.shape:
-            if value.is_floating_point():
-                _mask_(value, keep)
-            else:
-                value.masked_fill_(~keep, 0)
 
 
 def _plist(module: nn.Module, name: str) -> parametrize.ParametrizationList:
@@ -518,8 +622,25 @@ def _mark_stale(module: nn.Module, incompatible_keys: Any, *, names: list[str]) 
 
     Masking right away would destroy the weights of a checkpoint whose masks are
     loaded next (``sparsifier.load_state_dict``), so the forward masks instead.
+    A load with ``assign=True`` put new stored tensors in place: the gradient
+    hooks follow them. Missing and unexpected keys are reported under the dense
+    names (``0.weight``, not ``0.parametrizations.weight.original``).
     """
     for name in names:
-        for p in _plist(module, name):
+        plist = _plist(module, name)
+        for p in plist:
             if isinstance(p, MaskParametrization):
                 p.stale = True
+                current = None if p._param is None else p._param()
+                if current is not plist.original:
+                    p.attach(plist.original)
+    for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
+        keys[:] = [_dense_key(key, names) for key in keys]
+
+
+def _dense_key(key: str, names: list[str]) -> str:
+    prefix, found, rest = key.rpartition("parametrizations.")
+    name, dot, leaf = rest.partition(".")
+    if found and dot and leaf == "original" and name in names:
+        return prefix + name
+    return key
