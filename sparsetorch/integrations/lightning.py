@@ -1,0 +1,444 @@
+"""Sparse training in Lightning: the :class:`SparseTraining` callback.
+
+One line makes a ``LightningModule`` sparse::
+
+    trainer = Trainer(callbacks=[SparseTraining(policy="rigl", sparsity=0.9)])
+
+The callback follows the Trainer's own order of events:
+
+1. ``setup("fit")``: :func:`sparsetorch.sparsify` the module, before the
+   Trainer restores a checkpoint's weights and before the strategy wraps the
+   module in ``DistributedDataParallel``. Under DDP every rank starts from rank
+   0's masks.
+2. Checkpoint restore (``fit(ckpt_path=...)``): the weights load into the
+   sparsified module, then the callback's :meth:`~SparseTraining.load_state_dict`
+   loads the sparsifier's masks, step count and generator state.
+3. ``on_fit_start``: after ``configure_optimizers``, the optimizer holding the
+   masked weights is attached (:meth:`sparsetorch.Sparsifier.attach_optimizer`);
+   its steps advance the sparsifier. The run length comes from
+   ``trainer.estimated_stepping_batches`` unless ``total_steps`` was given.
+   The optimizer state the Trainer restores afterwards is masked before its next
+   step.
+
+The sparsifier's state travels in Lightning's checkpoint under
+``checkpoint["callbacks"]["SparseTraining"]``; ``checkpoint["state_dict"]`` keeps
+the dense model's keys with masked values, so it loads into the plain module.
+See ``docs/integrations.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from sparsetorch.api import sparsify
+from sparsetorch.policies.base import Policy
+from sparsetorch.sparsifier import Sparsifier
+from sparsetorch.topology import select_tensors
+
+__all__ = ["SparseTraining"]
+
+#: Strategies whose order of events sparsetorch cannot follow: they shard the
+#: weights (sparsetorch keeps whole local tensors) and restore checkpoints after
+#: wrapping the module.
+_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+#: ``total_steps`` given to ``sparsify`` until the run length is known.
+_LENGTH_NOT_YET_KNOWN = 2**62
+
+
+class SparseTraining(Callback):
+    r"""Train a ``LightningModule`` sparse: masks, topology updates, checkpoints.
+
+    The arguments are those of :func:`sparsetorch.sparsify` (see there), except
+    the model and optimizer, which come from the Trainer, plus what to log.
+
+    Lightning's own checkpoints (``ModelCheckpoint``,
+    ``trainer.save_checkpoint``) hold the sparsifier state, and
+    ``trainer.fit(model, ckpt_path=...)`` resumes exactly as if the run had not
+    stopped: masks, weights, optimizer state and step count. The callback works
+    with ``strategy="ddp"`` (ranks keep identical masks),
+    ``accumulate_grad_batches`` (it counts optimizer steps, not batches),
+    ``gradient_clip_val`` and mixed precision.
+
+    Logged through the module's logger on every training step (``on_step``):
+
+    * ``sparsity/sparsity``: fraction of zeros over the masked weights.
+    * ``sparsity/mask_change``: fraction of the active weights that the last
+      topology update replaced (0 before the first update).
+    * ``sparsity/updates``: topology updates so far.
+    * ``sparsity/itop`` (with ``itop=True``): the in-time over-parameterization
+      rate of Liu et al. 2021 (https://arxiv.org/abs/2102.02887), the fraction of
+      the masked weights that were active at some point of the run. It keeps one
+      bool per masked weight (as much memory as the masks), checkpointed with the
+      callback.
+
+    Args:
+        policy: ``"rigl"``, ``"set"``, ``"static"`` or a
+            :class:`~sparsetorch.Policy`. Default: ``"rigl"``.
+        sparsity: fraction of zeros over all selected weights. Default: ``0.9``.
+        distribution: ``"uniform"``, ``"er"``, ``"erk"`` or
+            ``{tensor_fqn: sparsity}``. Default: ``"erk"``.
+        total_steps: optimizer steps in the whole run. Default: ``None``
+            (``trainer.estimated_stepping_batches``, which counts accumulation;
+            restored from the checkpoint on resume).
+        update_interval: optimizer steps between updates. Default: ``100``.
+        drop_fraction: fraction of active weights dropped at ``begin_step``.
+            Default: ``0.3``.
+        drop_schedule: ``"cosine"``, ``"linear"`` or ``"constant"``.
+            Default: ``"cosine"``.
+        begin_step: first step that may update. Default: ``0``.
+        end_step: no update at or after this step. Default: ``None``
+            (``int(0.75 * total_steps)``).
+        include: fnmatch globs over the module's ``tensor_fqn`` selecting the
+            tensors. Default: ``None`` (``nn.Linear`` and ``nn.Conv*`` weights).
+        exclude: fnmatch globs removed from the selection. Default: ``None``.
+        grow_init: value of newly grown weights. Default: ``"zeros"``.
+        seed: seed of the mask generator. Default: ``0``.
+        execution: ``"mask"``, ``"sparse"`` or ``"auto"``. Default: ``"mask"``.
+        log_metrics: log the metrics above with ``pl_module.log_dict``.
+            Default: ``True``.
+        itop: track and log the ITOP rate. Default: ``False``.
+
+    Raises:
+        RuntimeError: at ``setup``, under a sharded strategy (FSDP, DeepSpeed,
+            model parallel), or when this callback already trained another
+            module; at ``on_fit_start``, when tensors appeared after ``setup``
+            (built in ``configure_model``).
+        ValueError: at ``setup``, the arguments as :func:`sparsetorch.sparsify`
+            raises them; at ``on_fit_start``, no optimizer holds the masked
+            weights, or the run length is unknown (an iterable dataset without
+            ``max_steps``) and neither ``total_steps`` nor ``end_step`` was given.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> from sparsetorch.integrations.lightning import SparseTraining
+        >>> callback = SparseTraining(policy="rigl", sparsity=0.9, update_interval=50)
+        >>> trainer = pl.Trainer(callbacks=[callback], logger=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False,
+        ...                      enable_checkpointing=False)
+        >>> callback.sparsifier is None  # until trainer.fit(model)
+        True
+    """
+
+    def __init__(
+        self,
+        *,
+        policy: str | Policy = "rigl",
+        sparsity: float = 0.9,
+        distribution: str | Mapping[str, float] = "erk",
+        total_steps: int | None = None,
+        update_interval: int = 100,
+        drop_fraction: float = 0.3,
+        drop_schedule: str = "cosine",
+        begin_step: int = 0,
+        end_step: int | None = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        grow_init: str | float = "zeros",
+        seed: int = 0,
+        execution: str = "mask",
+        log_metrics: bool = True,
+        itop: bool = False,
+    ) -> None:
+        self.policy = policy
+        self.sparsity = sparsity
+        self.distribution = distribution
+        self.total_steps = total_steps
+        self.update_interval = update_interval
+        self.drop_fraction = drop_fraction
+        self.drop_schedule = drop_schedule
+        self.begin_step = begin_step
+        self.end_step = end_step
+        self.include = include
+        self.exclude = exclude
+        self.grow_init = grow_init
+        self.seed = seed
+        self.execution = execution
+        self.log_metrics = log_metrics
+        self.itop = itop
+        self._sparsifier: Sparsifier | None = None
+        self._module: pl.LightningModule | None = None
+        self._run_steps: int | None = total_steps  # the schedule's total_steps
+        self._seen_updates = 0
+        self._before_update: dict[str, Tensor] | None = None
+        self._ever_active: dict[str, Tensor] | None = None
+        self._itop: float | None = None
+        self._restored: dict[str, Any] | None = None
+        self.mask_change = 0.0
+
+    # -- what users read ----------------------------------------------------------
+
+    @property
+    def sparsifier(self) -> Sparsifier | None:
+        """The :class:`~sparsetorch.Sparsifier`, from ``setup("fit")`` on."""
+        return self._sparsifier
+
+    @property
+    def itop_rate(self) -> float | None:
+        """Fraction of the masked weights ever active (``None`` unless ``itop``)."""
+        if self._ever_active is None:
+            return None
+        ever = sum(int(e.sum()) for e in self._ever_active.values())
+        return ever / sum(e.numel() for e in self._ever_active.values())
+
+    # -- the Trainer's order of events -------------------------------------------
+
+    def setup(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
+    ) -> None:
+        """Sparsify ``pl_module`` for ``fit``, before weights load and DDP wraps."""
+        if stage != "fit":
+            return  # validate / test / predict run the module as it is
+        if self._sparsifier is not None:
+            raise RuntimeError(
+                "This SparseTraining callback already trains "
+                f"{type(self._module).__name__}; a callback makes one fit "
+                "sparse.\nFor another fit, pass a new SparseTraining to a new "
+                "Trainer; to continue a run, resume it with "
+                "trainer.fit(model, ckpt_path=...)."
+            )
+        strategy = type(trainer.strategy)
+        if (
+            any(cls.__name__ in _SHARDED_STRATEGIES for cls in strategy.__mro__)
+            or trainer.strategy.restore_checkpoint_after_setup
+        ):
+            raise RuntimeError(
+                f"SparseTraining does not support the {strategy.__name__} "
+                "strategy: it shards the weights or restores checkpoints after "
+                "wrapping the module, and sparsetorch keeps whole local tensors "
+                "whose masks must exist before the weights load.\n"
+                'Use strategy="ddp" (or a single device).'
+            )
+        total_steps = self.total_steps
+        if total_steps is None and self.end_step is None:
+            # The run length is known at fit start (or from the checkpoint):
+            # set_total_steps replaces this before the first step.
+            total_steps = _LENGTH_NOT_YET_KNOWN
+        self._sparsifier = sparsify(
+            pl_module,
+            None,
+            policy=self.policy,
+            sparsity=self.sparsity,
+            distribution=self.distribution,
+            total_steps=total_steps,
+            update_interval=self.update_interval,
+            drop_fraction=self.drop_fraction,
+            drop_schedule=self.drop_schedule,
+            begin_step=self.begin_step,
+            end_step=self.end_step,
+            include=self.include,
+            exclude=self.exclude,
+            grow_init=self.grow_init,
+            seed=self.seed,
+            execution=self.execution,
+        )
+        self._module = pl_module
+        if self.itop:
+            self._ever_active = {
+                fqn: m.clone() for fqn, m in self._sparsifier.masks.items()
+            }
+            self._itop = self.itop_rate
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Attach the optimizer from ``configure_optimizers``; fix the run length."""
+        sparsifier = self._require_sparsifier("on_fit_start")
+        self._check_nothing_new(pl_module, sparsifier)
+        params = {id(p) for p in sparsifier.topology.params.values()}
+        holding = [
+            opt
+            for opt in trainer.optimizers
+            if any(id(p) in params for g in opt.param_groups for p in g["params"])
+        ]
+        if not holding:
+            raise ValueError(
+                "None of the optimizers returned by configure_optimizers holds the "
+                f"masked weights {sorted(sparsifier.masks)}.\n"
+                "Build the optimizer over self.parameters() in configure_optimizers."
+            )
+        restored = self._restored
+        if restored is not None:
+            # attach_optimizer takes a restored step count for steps counted
+            # by hand; count from zero while attaching, then load the state again.
+            sparsifier.step_count = 0
+        # The first optimizer's steps advance the sparsifier; the others (a
+        # second optimizer over part of the weights) get their state masked.
+        for i, optimizer in enumerate(holding):
+            sparsifier.attach_optimizer(optimizer, count_steps=i == 0)
+        if restored is not None:
+            sparsifier.load_state_dict(restored)
+            self._restored = None
+        if (
+            sparsifier.policy.dynamic
+            and self._run_steps is None
+            and self.end_step is None
+        ):
+            self._run_steps = _run_length(trainer)
+            sparsifier.set_total_steps(self._run_steps)
+        self._seen_updates = sparsifier.update_count
+
+    def on_before_optimizer_step(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: torch.optim.Optimizer,
+    ) -> None:
+        """Before an update step, keep the masks to measure what it changes."""
+        sparsifier = self._sparsifier
+        if (
+            sparsifier is None
+            or self._before_update is not None
+            or sparsifier.next_update_step() != sparsifier.step_count + 1
+        ):
+            return
+        self._before_update = {fqn: m.clone() for fqn, m in sparsifier.masks.items()}
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Measure the last update (once, when it happened) and log the metrics."""
+        sparsifier = self._require_sparsifier("on_train_batch_end")
+        if sparsifier.update_count != self._seen_updates:
+            self._measure_update(sparsifier)
+        elif self._before_update is not None and (
+            sparsifier.next_update_step() != sparsifier.step_count + 1
+        ):
+            self._before_update = None  # the update was skipped (NaN)
+        if self.log_metrics:
+            pl_module.log_dict(self.metrics(), on_step=True, on_epoch=False)
+
+    def metrics(self) -> dict[str, float]:
+        """The logged metrics now (see the class docstring)."""
+        sparsifier = self._require_sparsifier("metrics")
+        targets = sparsifier.topology.targets
+        active = sum(targets.values())
+        numel = sum(m.numel() for m in sparsifier.masks.values())
+        out = {
+            "sparsity/sparsity": 1.0 - active / numel,
+            "sparsity/mask_change": self.mask_change,
+            "sparsity/updates": float(sparsifier.update_count),
+        }
+        if self._itop is not None:
+            out["sparsity/itop"] = self._itop
+        return out
+
+    def _measure_update(self, sparsifier: Sparsifier) -> None:
+        masks = sparsifier.masks
+        before = self._before_update
+        if before is not None:
+            grown = sum(int((masks[f] & ~before[f]).sum()) for f in masks)
+            self.mask_change = grown / sum(sparsifier.topology.targets.values())
+        self._before_update = None
+        if self._ever_active is not None:
+            for fqn, ever in self._ever_active.items():
+                ever |= masks[fqn]
+            self._itop = self.itop_rate
+        self._seen_updates = sparsifier.update_count
+
+    # -- checkpoints --------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sparsifier state, the run length and the metrics' state.
+
+        Lightning stores it in ``checkpoint["callbacks"][self.state_key]``; it
+        loads with ``torch.load(..., weights_only=True)``.
+        """
+        if self._sparsifier is None:
+            return {}
+        state: dict[str, Any] = {
+            "sparsifier": self._sparsifier.state_dict(),
+            "total_steps": self._run_steps,
+            "mask_change": self.mask_change,
+        }
+        if self._ever_active is not None:
+            state["ever_active"] = {f: e.clone() for f, e in self._ever_active.items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the sparsifier after the checkpoint's weights were loaded.
+
+        The Trainer calls it between ``setup`` and ``on_fit_start``, so the
+        masks are the checkpoint's before DDP wraps the module and before the
+        optimizer state is restored.
+        """
+        if self._sparsifier is None or not state_dict:
+            return  # not fitting (validate / test), or a checkpoint without it
+        sparsifier = self._sparsifier
+        saved_steps = state_dict.get("total_steps")
+        settable = sparsifier.policy.dynamic and self.end_step is None
+        if settable and saved_steps is not None and saved_steps != self._run_steps:
+            # The checkpoint's schedule, so that its settings match; then the
+            # total_steps given to this callback, if any, extends the run.
+            sparsifier.set_total_steps(saved_steps)
+            sparsifier.load_state_dict(state_dict["sparsifier"])
+            if self.total_steps is not None:
+                sparsifier.set_total_steps(self.total_steps)
+            self._run_steps = self.total_steps or saved_steps
+        else:
+            sparsifier.load_state_dict(state_dict["sparsifier"])
+        self._restored = sparsifier.state_dict()
+        self.mask_change = float(state_dict.get("mask_change", 0.0))
+        self._seen_updates = sparsifier.update_count
+        ever = state_dict.get("ever_active")
+        if self._ever_active is not None:
+            for fqn, mask in sparsifier.masks.items():
+                self._ever_active[fqn] = (
+                    ever[fqn].to(mask.device) | mask
+                    if ever is not None and fqn in ever
+                    else mask.clone()
+                )
+            self._itop = self.itop_rate
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _require_sparsifier(self, hook: str) -> Sparsifier:
+        if self._sparsifier is None:
+            raise RuntimeError(
+                f"SparseTraining.{hook} ran before setup('fit') sparsified the "
+                "module. Pass the callback to the Trainer that fits: "
+                "Trainer(callbacks=[SparseTraining(...)]).fit(model)."
+            )
+        return self._sparsifier
+
+    def _check_nothing_new(
+        self, pl_module: pl.LightningModule, sparsifier: Sparsifier
+    ) -> None:
+        """Refuse tensors that appeared after ``setup`` (``configure_model``)."""
+        try:
+            now = select_tensors(pl_module, self.include, self.exclude)
+        except ValueError:
+            return
+        new = [fqn for fqn in now if fqn not in sparsifier.masks]
+        new = [fqn for fqn in new if fqn not in sparsifier.skipped]
+        if new:
+            raise RuntimeError(
+                f"The tensors {new} appeared after SparseTraining sparsified the "
+                "module in setup('fit'), so they would train dense.\nBuild the "
+                "layers in __init__ (or the module's setup), not in "
+                "configure_model, or leave them out with exclude=[...]."
+            )
+
+
+def _run_length(trainer: pl.Trainer) -> int:
+    """``trainer.estimated_stepping_batches`` as an int, or a clear error."""
+    estimate = trainer.estimated_stepping_batches
+    if estimate == float("inf") or estimate < 1:
+        raise ValueError(
+            "SparseTraining needs the run length to schedule topology updates, "
+            f"and the Trainer cannot estimate it (estimated_stepping_batches = "
+            f"{estimate}: max_epochs=-1 or an iterable dataset, without "
+            "max_steps).\nPass SparseTraining(total_steps=...) or "
+            "SparseTraining(end_step=...), or Trainer(max_steps=...)."
+        )
+    return int(estimate)
