@@ -192,6 +192,14 @@ class Sparsifier:
         if not isinstance(count_steps, bool):
             raise TypeError(f"count_steps must be True or False, got {count_steps!r}.")
         optimizer = _optim.unwrap_optimizer(optimizer)
+        params = self.topology.params
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        mine = [fqn for fqn, p in params.items() if id(p) in held]
+        if not mine:
+            raise ValueError(
+                f"The optimizer holds none of the masked weights {list(params)}.\n"
+                "Pass the optimizer built over model.parameters()."
+            )
         attached = self._attached.get(id(optimizer))
         counting = [a for a in self._attached.values() if a.counts]
         if count_steps and counting and counting[0].optimizer is not optimizer:
@@ -207,14 +215,6 @@ class Sparsifier:
                 "(sparsifier.step()); counting the optimizer's steps as well "
                 "would count each step twice.\nKeep calling sparsifier.step(), "
                 "and attach with count_steps=False."
-            )
-        params = self.topology.params
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        mine = [fqn for fqn, p in params.items() if id(p) in held]
-        if not mine:
-            raise ValueError(
-                f"The optimizer holds none of the masked weights {list(params)}.\n"
-                "Pass the optimizer built over model.parameters()."
             )
         missing = [
             fqn for fqn, p in params.items() if id(p) not in held and p.requires_grad
