@@ -353,13 +353,14 @@ class Topology:
             mask = torch.zeros(weight.numel(), dtype=torch.bool)
             mask[perm[:target]] = True
             mask = mask.view(weight.shape).to(weight.device)
+            p = MaskParametrization(mask)
+            parametrize.register_parametrization(module, name, p)
+            weight = _plist(module, name).original
+            p.attach(weight)
             if stash is None:
                 _mask_(weight, mask)
             else:
                 stash.keep(weight, mask, functools.partial(_mask_, weight, mask))
-            p = MaskParametrization(mask)
-            parametrize.register_parametrization(module, name, p)
-            p.attach(_plist(module, name).original)
             self._entries[fqn] = _Entry(module, name, p, sparsity, target)
             setattr(type(module), "__getstate__", _refuse_pickle)  # noqa: B010
         stored = {id(e.param): e.parametrization for e in self._entries.values()}
