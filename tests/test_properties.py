@@ -350,7 +350,7 @@ def check_state_outside(
         # Read through the parametrization, as the forward does: a model state
         # dict loaded since the last forward is masked then (the stored tensor
         # waits, see docs/reliability.md); after a step the stored one is masked.
-        weight = getattr(model.get_submodule(fqn.rpartition(".")[0]), "weight")
+        weight = model.get_submodule(fqn.rpartition(".")[0]).weight
         assert int(weight[~mask].count_nonzero()) == 0, (fqn, "weight")
         assert int(param[~mask].count_nonzero()) == 0, (fqn, "stored weight")
         for key, state in optimizer.state[param].items():
