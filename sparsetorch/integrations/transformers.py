@@ -1,0 +1,332 @@
+"""Sparse training in the Hugging Face Trainer: :class:`SparseTrainingCallback`.
+
+One line makes the Trainer's model sparse::
+
+    trainer = Trainer(model, args, train_dataset=...,
+                      callbacks=[SparseTrainingCallback(sparsity=0.9)])
+
+The callback follows the Trainer's order of events:
+
+1. ``on_init_end`` (end of ``Trainer.__init__``): :func:`sparsetorch.sparsify`
+   the model, before ``train`` loads a checkpoint's weights and before
+   Accelerate wraps the model in ``DistributedDataParallel``. Under DDP every
+   rank starts from rank 0's masks.
+2. ``train(resume_from_checkpoint=...)`` loads the weights into the sparsified
+   model, builds the optimizer, wraps the model and loads the optimizer and
+   scheduler states; none of them is masked before the next step.
+3. ``on_train_begin``: the Trainer's optimizer is attached
+   (:meth:`sparsetorch.Sparsifier.attach_optimizer`, which unwraps
+   Accelerate's ``AcceleratedOptimizer``): its steps advance the sparsifier.
+   The run length is the Trainer's ``max_steps``. On resume, the sparsifier
+   state saved in the checkpoint folder is loaded: masks, step count and
+   generator state, so the run continues as if it had never stopped.
+4. ``on_save``: the sparsifier state is written next to the Trainer's own
+   files, as ``checkpoint-N/sparsifier.pt``.
+
+Why a callback reads ``output_dir/checkpoint-<global_step>``: a
+``TrainerCallback`` is not told the ``resume_from_checkpoint`` path, but the
+Trainer saves every checkpoint there and restores ``global_step`` from it
+before ``on_train_begin``. To never load masks that belong to other weights,
+the file also holds a checksum of the masked weights, compared with the
+weights the Trainer just loaded. See ``docs/integrations.md``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import (
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+
+from sparsetorch import _distributed
+from sparsetorch.api import sparsify
+from sparsetorch.policies.base import Policy
+from sparsetorch.sparsifier import Sparsifier
+
+__all__ = ["SPARSIFIER_NAME", "SparseTrainingCallback"]
+
+#: The sparsifier state's file in each ``checkpoint-N`` folder.
+SPARSIFIER_NAME = "sparsifier.pt"
+
+
+class SparseTrainingCallback(TrainerCallback):  # type: ignore[misc]
+    r"""Train the Hugging Face ``Trainer``'s model sparse, checkpoints included.
+
+    The arguments are those of :func:`sparsetorch.sparsify` (see there), except
+    the model and optimizer, which come from the Trainer.
+
+    The Trainer's checkpoints (``save_strategy``) hold the sparsifier state as
+    ``checkpoint-N/sparsifier.pt``, and ``trainer.train(resume_from_checkpoint=
+    True)`` (or a ``checkpoint-N`` folder of ``output_dir``) resumes exactly as
+    if the run had not stopped: masks, weights, optimizer state, step count.
+    It works under DDP (``torchrun``; ranks keep identical masks), with
+    ``gradient_accumulation_steps`` (it counts optimizer steps, not batches),
+    ``max_grad_norm``, ``bf16`` / ``fp16`` and ``load_best_model_at_end``
+    (the best checkpoint's masks come back with its weights).
+    ``model.save_pretrained`` writes the dense model's keys with masked values:
+    ``from_pretrained`` loads them into the plain model class.
+
+    With the default selection, an output layer tied to the input embedding
+    (GPT-2's ``lm_head``, BERT's decoder) stays dense and is listed in
+    ``sparsifier.summary()``; GPT-2's ``Conv1D`` layers are sparsified.
+
+    Args:
+        policy: ``"rigl"``, ``"set"``, ``"static"`` or a
+            :class:`~sparsetorch.Policy`. Default: ``"rigl"``.
+        sparsity: fraction of zeros over all selected weights. Default: ``0.9``.
+        distribution: ``"uniform"``, ``"er"``, ``"erk"`` or
+            ``{tensor_fqn: sparsity}``. Default: ``"erk"``.
+        total_steps: optimizer steps in the whole run. Default: ``None`` (the
+            Trainer's ``max_steps``, known at ``on_train_begin``).
+        update_interval: optimizer steps between updates. Default: ``100``.
+        drop_fraction: fraction of active weights dropped at ``begin_step``.
+            Default: ``0.3``.
+        drop_schedule: ``"cosine"``, ``"linear"`` or ``"constant"``.
+            Default: ``"cosine"``.
+        begin_step: first step that may update. Default: ``0``.
+        end_step: no update at or after this step. Default: ``None``
+            (``int(0.75 * total_steps)``).
+        include: fnmatch globs over the model's ``tensor_fqn`` selecting the
+            tensors. Default: ``None`` (the weights of ``nn.Linear``,
+            ``nn.Conv*`` and ``Conv1D``).
+        exclude: fnmatch globs removed from the selection. Default: ``None``.
+        grow_init: value of newly grown weights. Default: ``"zeros"``.
+        seed: seed of the mask generator. Default: ``0``.
+        execution: ``"mask"``, ``"sparse"`` or ``"auto"``. Default: ``"mask"``.
+
+    Raises:
+        ValueError: at ``on_init_end``, the arguments as
+            :func:`sparsetorch.sparsify` raises them (the model is unchanged).
+        RuntimeError: at ``on_train_begin``, the Trainer's model is not the one
+            this callback sparsified and the run is distributed (``model_init``
+            under DDP), or a resumed checkpoint has no matching sparsifier state.
+
+    Example::
+
+        >>> import torch
+        >>> from transformers import Trainer, TrainingArguments
+        >>> from sparsetorch.integrations.transformers import SparseTrainingCallback
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        >>> callback = SparseTrainingCallback(policy="static", sparsity=0.75)
+        >>> args = TrainingArguments("out", use_cpu=True, report_to=[])
+        >>> trainer = Trainer(model, args, callbacks=[callback])
+        >>> int(callback.sparsifier.masks["0.weight"].sum())
+        16
+    """
+
+    def __init__(
+        self,
+        *,
+        policy: str | Policy = "rigl",
+        sparsity: float = 0.9,
+        distribution: str | Mapping[str, float] = "erk",
+        total_steps: int | None = None,
+        update_interval: int = 100,
+        drop_fraction: float = 0.3,
+        drop_schedule: str = "cosine",
+        begin_step: int = 0,
+        end_step: int | None = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        grow_init: str | float = "zeros",
+        seed: int = 0,
+        execution: str = "mask",
+    ) -> None:
+        self.policy = policy
+        self.sparsity = sparsity
+        self.distribution = distribution
+        self.total_steps = total_steps
+        self.update_interval = update_interval
+        self.drop_fraction = drop_fraction
+        self.drop_schedule = drop_schedule
+        self.begin_step = begin_step
+        self.end_step = end_step
+        self.include = include
+        self.exclude = exclude
+        self.grow_init = grow_init
+        self.seed = seed
+        self.execution = execution
+        self._sparsifier: Sparsifier | None = None
+
+    @property
+    def sparsifier(self) -> Sparsifier | None:
+        """The :class:`~sparsetorch.Sparsifier`, once the Trainer is built."""
+        return self._sparsifier
+
+    # -- the Trainer's order of events -------------------------------------------
+
+    def on_init_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: Any,
+    ) -> None:
+        """Sparsify the model, before weights load and Accelerate wraps it."""
+        if self._sparsifier is None:
+            self._sparsifier = self._sparsify(kwargs["model"])
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: Any,
+    ) -> None:
+        """Attach the optimizer, fix the run length, load a resumed checkpoint."""
+        model = kwargs["model"]
+        sparsifier = self._sparsifier
+        if sparsifier is None or sparsifier.topology.model is not model:
+            # Added after __init__ (trainer.add_callback), or a new model from
+            # model_init: the Trainer may have wrapped it already.
+            if _distributed.world_size() > 1:
+                raise RuntimeError(
+                    "SparseTrainingCallback must sparsify the model before the "
+                    "Trainer wraps it in DistributedDataParallel, at the end of "
+                    "Trainer.__init__, but the Trainer now trains another model "
+                    f"({type(model).__name__}: added with trainer.add_callback, "
+                    "or built by model_init).\nPass the callback to the Trainer "
+                    "that trains it, Trainer(model, ..., callbacks=[...]), "
+                    "without model_init."
+                )
+            sparsifier = self._sparsifier = self._sparsify(model)
+        optimizer = kwargs["optimizer"]
+        # Accelerate's AcceleratedOptimizer subclasses torch.optim.Optimizer
+        # without its hooks: attach the torch optimizer inside.
+        while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+            optimizer = optimizer.optimizer
+        sparsifier.attach_optimizer(optimizer)
+        if self.total_steps is None and self.end_step is None:
+            sparsifier.set_total_steps(state.max_steps)
+        if state.global_step > 0:  # resumed: the Trainer restored trainer_state
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            self._load(folder, sparsifier, resumed=True)
+
+    def on_save(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: Any,
+    ) -> None:
+        """Write the sparsifier state into the checkpoint just saved."""
+        if self._sparsifier is None or not args.should_save:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(folder):
+            raise RuntimeError(
+                f"SparseTrainingCallback found no checkpoint folder {folder} to "
+                "save the sparsifier state into. Hyperparameter search "
+                "(trainer.hyperparameter_search) saves elsewhere and is not "
+                "supported."
+            )
+        sparsifier = self._sparsifier
+        torch.save(
+            {
+                "sparsifier": sparsifier.state_dict(),
+                "checksums": _checksums(sparsifier, masked=True),
+            },
+            os.path.join(folder, SPARSIFIER_NAME),
+        )
+
+    def on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        **kwargs: Any,
+    ) -> None:
+        """With ``load_best_model_at_end``, restore the best checkpoint's masks."""
+        best = state.best_model_checkpoint
+        if self._sparsifier is not None and args.load_best_model_at_end and best:
+            self._load(best, self._sparsifier, resumed=False)
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _sparsify(self, model: nn.Module) -> Sparsifier:
+        return sparsify(
+            model,
+            None,
+            policy=self.policy,
+            sparsity=self.sparsity,
+            distribution=self.distribution,
+            total_steps=self.total_steps,
+            update_interval=self.update_interval,
+            drop_fraction=self.drop_fraction,
+            drop_schedule=self.drop_schedule,
+            begin_step=self.begin_step,
+            end_step=self.end_step,
+            include=self.include,
+            exclude=self.exclude,
+            grow_init=self.grow_init,
+            seed=self.seed,
+            execution=self.execution,
+        )
+
+    def _load(self, folder: str, sparsifier: Sparsifier, *, resumed: bool) -> None:
+        """Load ``folder``'s sparsifier state, after checking it fits the weights.
+
+        The Trainer has just loaded ``folder``'s weights; they are not masked
+        before the next forward, so they are compared as loaded.
+        """
+        path = os.path.join(folder, SPARSIFIER_NAME)
+        if not os.path.isfile(path):
+            how = (
+                "The Trainer resumed at this step; the callback reads the "
+                "sparsifier state from output_dir/checkpoint-<global_step>, where "
+                "the Trainer saves it. Resume with resume_from_checkpoint=True or "
+                "a checkpoint folder of output_dir (copy it there), saved by a "
+                "run with this callback."
+                if resumed
+                else "Its weights were saved by a run without this callback."
+            )
+            raise RuntimeError(
+                f"SparseTrainingCallback found no sparsifier state {path}.\n{how}"
+            )
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        checksums = _checksums(sparsifier, masked=False)
+        if saved["checksums"] != checksums:
+            differ = sorted(
+                fqn
+                for fqn, value in checksums.items()
+                if saved["checksums"].get(fqn) != value
+            )
+            raise RuntimeError(
+                f"The sparsifier state {path} was saved with other weights than "
+                f"those the Trainer loaded (they differ in {differ}), so its "
+                "masks would cut trained weights.\nResume from the checkpoint "
+                "folder in args.output_dir that this run saved: "
+                "resume_from_checkpoint=True."
+            )
+        sparsifier.load_state_dict(saved["sparsifier"])
+
+
+def _checksums(sparsifier: Sparsifier, *, masked: bool) -> dict[str, int]:
+    """An exact fingerprint of each masked weight's nonzero values.
+
+    The sum of their bit patterns as integers: independent of summation order
+    (so of the device), and equal for the saved weights (``masked``: as the
+    state dict holds them) and their loaded copy (stored values, not yet
+    masked), whose values outside the saved masks are zeros of either sign.
+    """
+    out = {}
+    with torch.no_grad():
+        for fqn, weight in sparsifier.topology.params.items():
+            values = weight.detach()
+            out[fqn] = _bit_sum(values * sparsifier.masks[fqn] if masked else values)
+    return out
+
+
+def _bit_sum(values: Tensor) -> int:
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[values.element_size()]
+    flat = values.flatten()
+    pattern = flat.view(bits).to(torch.int64)
+    return int(torch.where(flat != 0, pattern, 0).sum())

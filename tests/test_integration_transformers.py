@@ -1,0 +1,375 @@
+"""The Hugging Face Trainer callback and Hugging Face model conventions.
+
+Tiny models built from configs (never downloaded), a few CPU steps each.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import transformers
+from expecttest import assert_expected_inline
+from torch import Tensor
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainingArguments,
+)
+
+import sparsetorch as st
+from sparsetorch.integrations.transformers import (
+    SPARSIFIER_NAME,
+    SparseTrainingCallback,
+)
+
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+STEPS = 12  # updates at steps 2, 4, 6, 8 (end_step 9); checkpoints at 4, 8, 12
+
+
+def gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32)
+    config.bos_token_id = config.eos_token_id = 0
+    return GPT2LMHeadModel(config)
+
+
+def bert() -> BertForMaskedLM:
+    return BertForMaskedLM(
+        BertConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+        )
+    )
+
+
+class Tokens(torch.utils.data.Dataset[dict[str, Tensor]]):
+    """64 random sequences of 16 tokens, labels = inputs (causal LM)."""
+
+    def __init__(self) -> None:
+        self.ids = torch.randint(0, 100, (64, 16), generator=torch.Generator())
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def fit(
+    out: Path | str,
+    *,
+    resume: str | bool | None = None,
+    seed: int = 0,
+    callback: SparseTrainingCallback | None = None,
+    **args: Any,
+) -> tuple[GPT2LMHeadModel, Trainer, SparseTrainingCallback]:
+    """Train a tiny GPT-2 for STEPS steps with the callback, saving every 4."""
+    model = gpt2(seed)
+    callback = callback or SparseTrainingCallback(sparsity=0.9, update_interval=2)
+    settings: dict[str, Any] = {
+        "max_steps": STEPS,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-3,
+        "save_strategy": "steps",
+        "save_steps": 4,
+        "logging_steps": 100,
+        "use_cpu": True,
+        "report_to": [],
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    arguments = TrainingArguments(str(out), **{**settings, **args})
+    trainer = Trainer(model, arguments, train_dataset=Tokens(), callbacks=[callback])
+    trainer.train(resume_from_checkpoint=resume)
+    return model, trainer, callback
+
+
+def snapshot(
+    model: GPT2LMHeadModel, trainer: Trainer, callback: SparseTrainingCallback
+) -> dict[str, Any]:
+    sparsifier = callback.sparsifier
+    assert sparsifier is not None
+    optimizer = trainer.optimizer.state_dict()  # type: ignore[union-attr]
+    return {
+        "weights": {k: v.clone() for k, v in model.state_dict().items()},
+        "masks": {k: v.clone() for k, v in sparsifier.masks.items()},
+        "optimizer": optimizer["state"],
+        "steps": (sparsifier.step_count, sparsifier.update_count),
+        "generator": sparsifier.generator.get_state(),
+        "global_step": trainer.state.global_step,
+    }
+
+
+def assert_identical(a: Any, b: Any, where: str = "") -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def check_masked(model: GPT2LMHeadModel, trainer: Trainer, sparsifier: Any) -> None:
+    """Weights and every optimizer state tensor are zero outside the masks."""
+    optimizer = trainer.optimizer
+    assert optimizer is not None
+    for fqn, mask in sparsifier.masks.items():
+        param = sparsifier.topology.params[fqn]
+        assert int(param[~mask].count_nonzero()) == 0, fqn
+        for value in optimizer.state[param].values():
+            if isinstance(value, Tensor) and value.shape == mask.shape:
+                assert int(value[~mask].count_nonzero()) == 0, fqn
+
+
+# -- HF model conventions -----------------------------------------------------------
+
+
+def test_gpt2_default_selection_is_the_conv1d_layers_with_the_tied_head_dense():
+    model = gpt2()
+    embedding = model.transformer.wte.weight.detach().clone()
+    sparsifier = st.sparsify(model, policy="static", sparsity=0.9)
+    assert list(sparsifier.masks) == [
+        f"transformer.h.{i}.{layer}.weight"
+        for i in range(2)
+        for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
+    assert sparsifier.skipped == {
+        "lm_head.weight": "tied to transformer.wte.weight, an input embedding"
+    }
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert torch.equal(model.transformer.wte.weight, embedding)  # dense, untouched
+    assert_expected_inline(
+        sparsifier.summary().splitlines()[-1],
+        """skipped: lm_head.weight (tied to transformer.wte.weight, an input embedding, dense)""",
+    )
+
+
+def test_bert_default_selection_keeps_the_tied_decoder_dense():
+    model = bert()
+    sparsifier = st.sparsify(model, policy="static", sparsity=0.9)
+    assert "cls.predictions.decoder.weight" not in sparsifier.masks
+    assert sparsifier.skipped == {
+        "cls.predictions.decoder.weight": (
+            "tied to bert.embeddings.word_embeddings.weight, an input embedding"
+        )
+    }
+    assert len(sparsifier.masks) == 2 * 6 + 1  # q, k, v, o, in, out + head dense
+
+
+@pytest.mark.parametrize("make", [gpt2, bert])
+def test_tie_weights_and_resize_token_embeddings_work_after_sparsify(make: Any):
+    model = make()
+    sparsifier = st.sparsify(model, policy="static", sparsity=0.9)
+    masks = {fqn: m.clone() for fqn, m in sparsifier.masks.items()}
+    model.tie_weights()
+    model.resize_token_embeddings(120)
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    assert head.weight is embedding.weight
+    assert tuple(head.weight.shape) == (120, 32)
+    ids = torch.randint(0, 120, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()  # trains with the new vocab
+    assert_identical(dict(sparsifier.masks), masks)
+
+
+def test_including_a_tied_embedding_of_a_hf_model_raises_before_any_change():
+    model = gpt2()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as error:
+        st.sparsify(model, policy="static", include=["*.weight"])
+    assert_expected_inline(
+        str(error.value),
+        """\
+Cannot sparsify ['lm_head.weight', 'transformer.wte.weight']: an input embedding tied to an output layer (lm_head.weight = transformer.wte.weight), in a model with tie_weights().
+The model re-ties them by assignment (tie_weights(), resize_token_embeddings()), which a sparsified weight cannot take. Leave them dense: exclude=['lm_head.weight', 'transformer.wte.weight']; or untie them before building the model (config.tie_word_embeddings=False).""",
+    )
+    assert_identical({k: v for k, v in model.state_dict().items()}, before)
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+
+
+def test_save_pretrained_loads_into_the_plain_model_with_the_same_logits(
+    tmp_path: Path,
+):
+    model, _, callback = fit(tmp_path / "run", save_strategy="no")
+    model.save_pretrained(tmp_path / "sparse")
+    plain = GPT2LMHeadModel.from_pretrained(tmp_path / "sparse")
+    assert not any(hasattr(m, "parametrizations") for m in plain.modules())
+    model.eval()
+    ids = torch.randint(0, 100, (2, 16))
+    assert torch.equal(plain(ids).logits, model(ids).logits)
+    sparsifier = callback.sparsifier
+    assert sparsifier is not None
+    for fqn, mask in sparsifier.masks.items():
+        assert int(plain.get_parameter(fqn)[~mask].count_nonzero()) == 0
+
+
+def test_from_pretrained_then_sparsify_then_load_state_keeps_every_weight(
+    tmp_path: Path,
+):
+    model, _, callback = fit(tmp_path / "run", save_strategy="no")
+    assert callback.sparsifier is not None
+    model.save_pretrained(tmp_path / "sparse")
+    torch.save(callback.sparsifier.state_dict(), tmp_path / "sparsifier.pt")
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "sparse")
+    sparsifier = st.sparsify(
+        loaded, sparsity=0.9, update_interval=2, total_steps=STEPS
+    )  # new random masks
+    sparsifier.load_state_dict(
+        torch.load(tmp_path / "sparsifier.pt", weights_only=True)
+    )
+    assert_identical(dict(loaded.state_dict()), trained)
+    assert_identical(dict(sparsifier.masks), dict(callback.sparsifier.masks))
+
+
+# -- the Trainer callback ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {},
+        {"gradient_accumulation_steps": 2, "max_grad_norm": 0.05, "bf16": True},
+    ],
+    ids=["plain", "accumulate-clip-bf16"],
+)
+def test_resume_from_checkpoint_is_bit_exact(tmp_path: Path, args: dict[str, Any]):
+    run = fit(tmp_path, **args)  # saves checkpoints 4, 8 and 12
+    uninterrupted = snapshot(*run)
+    assert uninterrupted["steps"] == (STEPS, 4)
+    assert (tmp_path / "checkpoint-8" / SPARSIFIER_NAME).is_file()
+    check_masked(run[0], run[1], run[2].sparsifier)
+
+    resumed_run = fit(tmp_path, resume=str(tmp_path / "checkpoint-8"), **args)
+    resumed = snapshot(*resumed_run)
+    assert_identical(resumed, uninterrupted)
+    check_masked(resumed_run[0], resumed_run[1], resumed_run[2].sparsifier)
+
+
+def test_resume_true_finds_the_last_checkpoint(tmp_path: Path):
+    uninterrupted = snapshot(*fit(tmp_path))
+    shutil.rmtree(tmp_path / "checkpoint-12")
+    assert_identical(snapshot(*fit(tmp_path, resume=True)), uninterrupted)
+
+
+def test_run_length_comes_from_the_trainer(tmp_path: Path):
+    _, _, callback = fit(tmp_path, save_strategy="no")
+    assert callback.sparsifier is not None
+    assert callback.sparsifier.schedule.end_step == int(0.75 * STEPS)
+
+
+def test_resume_with_another_runs_sparsifier_state_raises(tmp_path: Path):
+    fit(tmp_path / "a")
+    fit(tmp_path / "b", seed=1)  # other weights, same masks (same mask seed)
+    shutil.copy(
+        tmp_path / "a" / "checkpoint-8" / SPARSIFIER_NAME,
+        tmp_path / "b" / "checkpoint-8" / SPARSIFIER_NAME,
+    )
+    callback = SparseTrainingCallback(sparsity=0.9, update_interval=2)
+    with pytest.raises(RuntimeError, match="saved with other weights") as error:
+        fit(
+            tmp_path / "b",
+            resume=str(tmp_path / "b" / "checkpoint-8"),
+            callback=callback,
+        )
+    assert "resume_from_checkpoint=True" in str(error.value)
+    assert callback.sparsifier is not None
+    assert callback.sparsifier.step_count == 0  # nothing was loaded
+
+
+def test_resume_from_a_folder_outside_output_dir_raises(tmp_path: Path):
+    fit(tmp_path / "a")
+    with pytest.raises(RuntimeError) as error:
+        fit(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-8"))
+    message = str(error.value).replace(str(tmp_path), "TMP")
+    assert_expected_inline(
+        message,
+        """\
+SparseTrainingCallback found no sparsifier state TMP/b/checkpoint-8/sparsifier.pt.
+The Trainer resumed at this step; the callback reads the sparsifier state from output_dir/checkpoint-<global_step>, where the Trainer saves it. Resume with resume_from_checkpoint=True or a checkpoint folder of output_dir (copy it there), saved by a run with this callback.""",
+    )
+
+
+def test_sparsify_with_the_accelerated_optimizer_leaves_the_model_unchanged_on_error(
+    tmp_path: Path,
+):
+    """The issue's row: sparsify inside a user's on_train_begin."""
+    model = gpt2()
+    arguments = TrainingArguments(
+        str(tmp_path), max_steps=2, use_cpu=True, report_to=[], save_strategy="no"
+    )
+    trainer = Trainer(model, arguments, train_dataset=Tokens())
+    trainer.create_optimizer()
+    optimizer = trainer.accelerator.prepare(trainer.optimizer)
+    assert type(optimizer).__name__ == "AcceleratedOptimizer"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        sparsifier = st.sparsify(model, optimizer, policy="static")
+    except (TypeError, ValueError, RuntimeError):
+        assert_identical(dict(model.state_dict()), before)
+        assert not any(hasattr(m, "parametrizations") for m in model.modules())
+    else:
+        assert sparsifier.optimizer is optimizer.optimizer
+
+
+# -- DDP: 2 processes on gloo -------------------------------------------------------
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+    )
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    # Each rank initializes its model from another seed: rank 0's must win.
+    uninterrupted = snapshot(*fit(out, seed=rank, ddp_backend="gloo"))
+    resumed = snapshot(
+        *fit(
+            out, seed=rank, resume=os.path.join(out, "checkpoint-8"), ddp_backend="gloo"
+        )
+    )
+    torch.save(
+        {
+            "uninterrupted": uninterrupted,
+            "resumed": resumed,
+            "world": int(torch.distributed.get_world_size()),
+        },
+        os.path.join(out, f"rank{rank}.pt"),
+    )
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_ranks_identical_and_resume_bit_exact(tmp_path: Path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["uninterrupted"]["steps"] == (STEPS, 4)
+    assert_identical(ranks[0]["uninterrupted"], ranks[1]["uninterrupted"])
+    assert_identical(ranks[0]["resumed"], ranks[1]["resumed"])
+    assert_identical(ranks[0]["resumed"], ranks[0]["uninterrupted"])
