@@ -673,3 +673,32 @@ def test_attach_unwraps_framework_wrappers() -> None:
         loss(model, x, y).backward()
         optimizer.step()
     assert sparsifier.step_count == 4 and sparsifier.update_count == 2
+
+
+def test_adafactor_keeps_weights_zero_outside_the_masks() -> None:
+    torch.manual_seed(0)
+    model = small_mlp()
+    optimizer = torch.optim.Adafactor(model.parameters(), lr=1e-2)
+    sparsifier = st.sparsify(model, optimizer, **RIGL)
+    for x, y in small_batches(4):
+        optimizer.zero_grad()
+        loss(model, x, y).backward()
+        optimizer.step()
+        params = sparsifier.topology.params
+        assert outside(sparsifier, dict(params)) == 0
+    assert sparsifier.update_count == 2
+
+
+def test_load_with_assign_moves_the_gradient_hooks_to_the_new_tensor() -> None:
+    torch.manual_seed(0)
+    model = small_mlp()
+    sparsifier = st.sparsify(model, policy="static", sparsity=0.75)
+    state = {k: v.clone() + 1 for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    stored = model[0].parametrizations.weight.original
+    assert stored is sparsifier.topology.params["0.weight"]
+    x, y = small_batches(1)[0]
+    loss(model, x, y).backward()
+    mask = sparsifier.masks["0.weight"]
+    assert stored.grad is not None and int(stored.grad[~mask].count_nonzero()) == 0
+    assert int(stored[~mask].count_nonzero()) == 0
