@@ -254,12 +254,12 @@ def sparsify(
         sparsity=overall,
         grow_init=grow_value,
         stash=stash,
+        end_step_from_total=end_from_total,
         skipped={
             **{fqn: "no elements" for fqn in empty},
             **{fqn: "requires_grad=False" for fqn in frozen},
         },
     )
-    sparsifier._end_from_total = end_from_total
     sparsifier.set_execution(execution)
     return sparsifier
 
