@@ -77,6 +77,9 @@ class Sparsifier:
         stash: the values the topology's initial masks zeroed (see
             ``sparsetorch._stash``), restored if masks are loaded before
             anything writes the weights. Default: ``None``.
+        end_step_from_total: ``schedule.end_step`` was derived from a
+            ``total_steps``, so :meth:`set_total_steps` may move it.
+            Default: ``False``.
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class Sparsifier:
         count_optimizer_steps: bool | None = None,
         skipped: Mapping[str, str] | None = None,
         stash: Stash | None = None,
+        end_step_from_total: bool = False,
     ) -> None:
         if count_optimizer_steps and optimizer is None:
             raise ValueError("count_optimizer_steps=True needs an optimizer.")
@@ -109,7 +113,7 @@ class Sparsifier:
         #: ``tensor_fqn -> updates it sat out`` for want of a gradient.
         self.missed_updates: dict[str, int] = {}
         self._removed = False
-        self._end_from_total = False
+        self._end_from_total = end_step_from_total
         self._attached: dict[int, _Attached] = {}
         self._unrelated: weakref.WeakKeyDictionary[torch.optim.Optimizer, int] = (
             weakref.WeakKeyDictionary()
@@ -336,6 +340,8 @@ class Sparsifier:
         return self._count()
 
     def _count(self) -> bool:
+        if self._stash:
+            self._stash.clear()  # training moves on: nothing to restore any more
         self.step_count += 1
         updated = False
         if self.policy.dynamic and self.schedule.is_update_step(self.step_count):
