@@ -87,6 +87,19 @@ def _average_bucket(tensors: list[Tensor], world: int) -> None:
         offset += n
 
 
+def any_rank(flags: Sequence[bool]) -> list[bool]:
+    """For each flag, whether it is true on any rank (itself alone).
+
+    One all-reduce of ``len(flags)`` bytes; every rank must pass as many flags.
+    """
+    if world_size() == 1 or not flags:
+        return list(flags)
+    device = _comm_device()
+    t = torch.tensor([int(f) for f in flags], dtype=torch.uint8, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
 def broadcast_(tensors: Sequence[Tensor], src: int = 0) -> None:
     """Broadcast ``tensors`` in place from rank ``src`` (no-op alone).
 
