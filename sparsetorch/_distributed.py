@@ -23,15 +23,21 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import parametrize
 
 __all__ = [
     "BUCKET_NUMEL",
+    "any_rank",
     "average_",
     "broadcast_",
     "check_params_unsharded",
+    "check_ranks_agree",
     "check_unsharded",
     "check_unwrapped",
+    "checksum",
     "keep_masks_local",
+    "rebuild_reducer",
+    "unwrap",
     "world_size",
 ]
 
@@ -127,36 +133,194 @@ def _comm_device() -> torch.device | None:
     return None
 
 
+# -- the guard against diverging ranks -----------------------------------------
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+#: Odd 64-bit multipliers (as signed int64) of the position hashes.
+_MIX = (0x9E3779B97F4A7C15 - 2**64, 0xC2B2AE3D27D4EB4F - 2**64)
+
+
+def _mix(positions: Tensor, k: int) -> Tensor:
+    """A fixed scrambling of int64 ``positions`` (wrapping multiply, xor-shift)."""
+    x = positions * k
+    return (x ^ (x >> 32)) * k
+
+
+def checksum(masks: Sequence[Tensor], weights: Sequence[Tensor]) -> Tensor:
+    """Four int64 sums identifying ``masks`` and ``weights``: exact and cheap.
+
+    The masks are read as one set of active positions, numbered across all
+    masks in order: its size, and the sums of two scramblings of each
+    position. The weights give the sum, over tensors ``i``, of ``2i + 1``
+    times the sum of their elements' bit patterns read as integers. Integer
+    sums wrap around identically on every rank and do not depend on the
+    order of summation (unlike a float sum), so equal tensors give equal sums
+    on any device and number of threads; tensors that differ almost surely
+    give different ones.
+
+    Example::
+
+        >>> mask = torch.tensor([[True, False], [False, True]])
+        >>> checksum([mask], [torch.zeros(2, 2)])[[0, 3]].tolist()
+        [2, 0]
+        >>> torch.equal(checksum([mask], [torch.zeros(2, 2)]),
+        ...             checksum([mask.T.flip(0)], [torch.zeros(2, 2)]))
+        False
+    """
+    sums = []
+    offset = 0
+    for mask in masks:
+        p = mask.reshape(-1).nonzero().view(-1) + offset  # (n_active,) int64
+        offset += mask.numel()
+        sums.append(
+            torch.stack([p.new_tensor(p.numel()), *(_mix(p, k).sum() for k in _MIX)])
+        )
+    total = torch.zeros(4, dtype=torch.int64)
+    if sums:
+        total[:3] = torch.stack(sums).sum(0).cpu()
+    for i, weight in enumerate(weights):
+        bits = weight.detach().contiguous().view(_INT_OF_SIZE[weight.element_size()])
+        total[3] += int(bits.sum(dtype=torch.int64)) * (2 * i + 1)
+    return total
+
+
+def check_ranks_agree(
+    masks: Mapping[str, Tensor], weights: Mapping[str, Tensor], step: int
+) -> None:
+    """Raise if the masks or the masked weights differ between ranks (no-op alone).
+
+    Called at every topology update. One all-reduce of 8 int64 (64 bytes): the
+    :func:`checksum` and its negation, reduced with ``MAX``, give every rank
+    the largest and the smallest checksum, so every rank reaches the same
+    verdict and raises together (none is left waiting in a collective).
+
+    Raises:
+        RuntimeError: they differ; the message names the usual cause (DDP not
+            all-reducing the masked gradients, ``find_unused_parameters``) and
+            the order that works.
+    """
+    if world_size() == 1 or not masks:
+        return
+    mine = checksum(list(masks.values()), [weights[fqn] for fqn in masks])
+    device = _comm_device()
+    both = torch.cat([mine, -mine])
+    reduced = both if device is None else both.to(device)
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+    reduced = reduced.cpu()
+    high, low = reduced[:4], -reduced[4:]
+    if torch.equal(high, low):
+        return
+    what = "masks" if not torch.equal(high[:3], low[:3]) else "masked weights"
+    raise RuntimeError(
+        f"The {what} differ between ranks at the topology update of step {step}: "
+        "the ranks no longer train the same model.\n"
+        f"checksum on rank {dist.get_rank()}: {mine.tolist()}; largest over "
+        f"ranks: {high.tolist()}; smallest: {low.tolist()}\n"
+        "Usually DistributedDataParallel did not all-reduce the masked weights' "
+        "gradients, so each rank's weights (and then its masks) drifted: the "
+        "model was wrapped in DistributedDataParallel before sparsify() was "
+        "called on the inner module (a Lightning or Accelerate model, say). "
+        "find_unused_parameters=True does not fix that: it only silences DDP's "
+        "error, and each rank keeps its own gradients.\n"
+        "Use one of the orders that work: sparsifier = sparsify(model, "
+        "optimizer, ...), then model = DistributedDataParallel(model); or pass "
+        "the wrapper itself: sparsify(ddp_model, optimizer, ...). Every rank "
+        "must also load the same checkpoint."
+    )
+
+
 # -- wrappers -------------------------------------------------------------------
 
 
-def check_unwrapped(model: nn.Module) -> None:
-    """Raise unless ``model`` can be sparsified in this process group.
+def unwrap(model: nn.Module) -> tuple[nn.Module, DistributedDataParallel | None]:
+    """The module to sparsify, and the DistributedDataParallel around it if any.
+
+    A model already wrapped in DDP is sparsified through ``model.module``;
+    :func:`keep_masks_local` then rebuilds DDP's reducer (see
+    :func:`rebuild_reducer`). Checks everything before anything changes.
 
     Raises:
-        RuntimeError: ``model`` is wrapped in DistributedDataParallel (sparsify
-            first, then wrap), or sharded by FSDP (not supported).
+        RuntimeError: a DDP option whose gradient reduction sparsetorch cannot
+            rebuild after wrapping, a DDP or FSDP wrapper inside the model, or
+            sharded parameters. Nothing has changed.
     """
+    ddp = None
     if isinstance(model, DistributedDataParallel):
-        raise RuntimeError(
-            "Cannot sparsify a model already wrapped in DistributedDataParallel.\n"
-            "Registering the masks re-creates each weight's gradient accumulator, "
-            "which DDP hooked when it was built, so DDP would stop all-reducing "
-            "those gradients.\n"
-            "Sparsify first, then wrap: sparsifier = sparsify(model, optimizer, "
-            "...); model = DistributedDataParallel(model)."
+        _check_rebuildable(model)
+        ddp, model = model, model.module
+    check_unwrapped(model)
+    return model, ddp
+
+
+def _check_rebuildable(ddp: DistributedDataParallel) -> None:
+    unsupported = [
+        (option, why)
+        for option, why, used in (
+            (
+                "mixed_precision",
+                "it keeps low-precision copies of the parameters",
+                ddp.mixed_precision is not None,
+            ),
+            (
+                "delay_all_reduce_named_params",
+                "it reduces those parameters outside the reducer",
+                bool(ddp._delay_all_reduce_params),
+            ),
+            (
+                "the Python reducer (compiled autograd)",
+                "it reduces outside the C++ reducer",
+                bool(getattr(ddp, "_use_python_reducer", False)),
+            ),
         )
+        if used
+    ]
+    if unsupported:
+        option, why = unsupported[0]
+        raise RuntimeError(
+            "Cannot sparsify this DistributedDataParallel model after wrapping: "
+            f"it uses {option}, and {why}, which sparsetorch cannot re-hook.\n"
+            "Sparsify first, then wrap: sparsifier = sparsify(model, optimizer, "
+            "...); model = DistributedDataParallel(model, ...)."
+        )
+
+
+def check_unwrapped(model: nn.Module) -> None:
+    """Raise unless ``model`` (a DDP wrapper's ``.module``, say) can be sparsified.
+
+    Raises:
+        RuntimeError: a submodule of ``model`` is wrapped in
+            DistributedDataParallel (pass the wrapper itself, or sparsify before
+            wrapping), or ``model`` is sharded by FSDP (not supported).
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, DistributedDataParallel):
+            raise RuntimeError(
+                f"Cannot sparsify a model holding a DistributedDataParallel "
+                f"wrapper ({name or '<root>'!r}): sparsetorch rebuilds the "
+                "gradient reduction only of the wrapper passed to sparsify "
+                "itself.\nPass that wrapper to sparsify(ddp_model, ...), or "
+                "sparsify before wrapping: sparsifier = sparsify(model, "
+                "optimizer, ...); model = DistributedDataParallel(model)."
+            )
     check_unsharded(model.named_modules(), model.named_parameters())
 
 
-def keep_masks_local(model: nn.Module, masks: Iterable[Tensor]) -> list[str]:
+def keep_masks_local(
+    model: nn.Module,
+    masks: Iterable[Tensor],
+    ddp: DistributedDataParallel | None = None,
+) -> list[str]:
     """Keep the mask buffers out of DistributedDataParallel's buffer broadcast.
 
     DDP broadcasts every module buffer from rank 0 before each forward
     (``broadcast_buffers=True``, the default). The masks are identical on every
     rank and change only at updates, which every rank computes alike, so they
     are added to ``model._ddp_params_and_buffers_to_ignore``, the list a
-    ``DistributedDataParallel(model)`` built afterwards reads.
+    ``DistributedDataParallel(model)`` built afterwards reads. With ``ddp``,
+    the wrapper already around ``model``, its reducer is rebuilt as well
+    (:func:`rebuild_reducer`).
 
     Returns:
         The buffer names (relative to ``model``) added to the ignore list.
@@ -167,7 +331,59 @@ def keep_masks_local(model: nn.Module, masks: Iterable[Tensor]) -> list[str]:
     ignored += [n for n in names if n not in ignored]
     ignore = DistributedDataParallel._set_params_and_buffers_to_ignore_for_model
     ignore(model, ignored)  # type: ignore[no-untyped-call]
+    if ddp is not None:
+        rebuild_reducer(ddp)
     return names
+
+
+def rebuild_reducer(ddp: DistributedDataParallel) -> None:
+    """Make ``ddp`` all-reduce the gradients of weights sparsified after wrapping.
+
+    DDP's reducer hooks each parameter's gradient accumulator when it is built.
+    Registering a parametrization calls ``original.set_(original)``, which
+    gives the parameter a new accumulator (the parameter object stays the
+    same), so the old hooks never fire again: DDP would wait for those
+    gradients forever ("Expected to have finished reduction in the prior
+    iteration") or, with ``find_unused_parameters=True``, treat them as unused
+    and leave each rank with its own gradients. This builds a new reducer over
+    the parametrized model the way DDP does when it is unpickled, with the
+    ignore list carried over to the parameters' new names plus the mask
+    buffers (so they are not broadcast), ``static_graph`` and the
+    communication hooks registered with ``register_comm_hook``.
+
+    Every rank must call it, before the next forward. A model that nothing was
+    registered on since wrapping keeps working: the reducer is rebuilt over
+    the same parameters.
+    """
+    module = ddp.module
+    ignore = set(ddp.parameters_to_ignore)
+    ignore |= set(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
+    for module_fqn, child in module.named_modules():
+        if not isinstance(child, parametrize.ParametrizationList):
+            continue
+        # DDP names parameters f"{module_name}.{param_name}" (".weight" at the
+        # root) and named_parameters() "weight": carry either spelling over.
+        owner, _, tensor_name = module_fqn.rpartition(".parametrizations.")
+        if not owner and module_fqn.startswith("parametrizations."):
+            tensor_name = module_fqn.removeprefix("parametrizations.")
+        old = {f"{owner}.{tensor_name}", f"{owner}.{tensor_name}".lstrip(".")}
+        if ignore & old:
+            ignore |= {f"{module_fqn}.original", f"{module_fqn}.original".lstrip(".")}
+    ddp.parameters_to_ignore = ignore
+    ddp._remove_autograd_hooks()  # type: ignore[no-untyped-call]
+    parameters, expect_sparse = ddp._build_params_for_reducer()  # type: ignore[no-untyped-call]
+    names = ddp._build_debug_param_to_name_mapping(parameters)  # type: ignore[no-untyped-call]
+    ddp._ddp_init_helper(  # type: ignore[no-untyped-call]
+        parameters, expect_sparse, names, ddp.static_graph
+    )
+    if ddp.static_graph:
+        ddp._static_graph_delay_allreduce_enqueued = False
+        ddp.reducer._set_static_graph()
+        assert ddp.logger is not None
+        ddp.logger._set_static_graph()
+    for hook, state in ddp._comm_hooks:
+        dist._register_comm_hook(ddp.reducer, state, hook)  # type: ignore[attr-defined]
+    ddp._has_rebuilt_buckets = False
 
 
 def check_unsharded(
