@@ -5,13 +5,16 @@ Tiny models built from configs (never downloaded), a few CPU steps each.
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch
 import torch
 import torch.multiprocessing as mp
 import transformers
@@ -95,7 +98,13 @@ def fit(
         "seed": 0,
     }
     arguments = TrainingArguments(str(out), **{**settings, **args})
-    trainer = Trainer(model, arguments, train_dataset=Tokens(), callbacks=[callback])
+    trainer = Trainer(
+        model,
+        arguments,
+        train_dataset=Tokens(),
+        eval_dataset=Tokens() if arguments.eval_strategy != "no" else None,
+        callbacks=[callback],
+    )
     trainer.train(resume_from_checkpoint=resume)
     return model, trainer, callback
 
@@ -276,6 +285,32 @@ def test_run_length_comes_from_the_trainer(tmp_path: Path):
     assert callback.sparsifier.schedule.end_step == int(0.75 * STEPS)
 
 
+def test_load_best_model_at_end_restores_the_best_checkpoints_masks(tmp_path: Path):
+    model, trainer, callback = fit(
+        tmp_path,
+        eval_strategy="steps",
+        eval_steps=4,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,  # the worst loss: an early checkpoint
+    )
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-12")
+    saved = torch.load(Path(best) / SPARSIFIER_NAME, weights_only=True)
+    sparsifier = callback.sparsifier
+    assert sparsifier is not None
+    state = sparsifier.state_dict()
+    assert (state["step"], state["updates"]) == (
+        saved["sparsifier"]["step"],
+        saved["sparsifier"]["updates"],
+    )
+    assert_identical(state["masks"], saved["sparsifier"]["masks"])
+    weights = safetensors.torch.load_file(Path(best) / "model.safetensors")
+    current = model.state_dict()
+    assert_identical({k: current[k] for k in weights}, weights)
+    check_masked(model, trainer, sparsifier)
+
+
 def test_resume_with_another_runs_sparsifier_state_raises(tmp_path: Path):
     fit(tmp_path / "a")
     fit(tmp_path / "b", seed=1)  # other weights, same masks (same mask seed)
@@ -373,3 +408,25 @@ def test_ddp_ranks_identical_and_resume_bit_exact(tmp_path: Path):
     assert_identical(ranks[0]["uninterrupted"], ranks[1]["uninterrupted"])
     assert_identical(ranks[0]["resumed"], ranks[1]["resumed"])
     assert_identical(ranks[0]["resumed"], ranks[0]["uninterrupted"])
+
+
+# -- the example ---------------------------------------------------------------------
+
+
+def test_vit_example_quick_run_trains_90_percent_sparse(
+    capsys: pytest.CaptureFixture[str],
+):
+    examples = str(Path(__file__).parent.parent / "examples")
+    sys.path.insert(0, examples)
+    try:
+        example = importlib.import_module("hf_vit_fashion_mnist")
+    finally:
+        sys.path.remove(examples)
+    metrics = example.main(["--quick", "--policy", "rigl"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == f"rigl: test accuracy {metrics['eval_accuracy']:.4f}"
+    assert any("step=8, updates=2, next_update=none" in line for line in out)
+    total = next(line for line in out if line.startswith("total "))
+    assert total.split()[1:3] == ["0.9000", "0.9000"]
+    assert not any(line.startswith("classifier.") for line in out)  # head dense
+    assert any(line.startswith("vit.layers.3.mlp.fc2.weight ") for line in out)
