@@ -458,6 +458,24 @@ Use strategy="ddp" (or a single device).""",
     )
 
 
+def test_sparsify_in_configure_optimizers_beside_the_callback_is_refused():
+    class Twice(Tiny):
+        def configure_optimizers(self) -> Any:
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+            st.sparsify(self, optimizer, total_steps=12, update_interval=2)
+            return optimizer
+
+    module = Twice()
+    with pytest.raises(ValueError) as info:
+        trainer([sparse(update_interval=2)], max_epochs=1).fit(module, loader())
+    assert_expected_inline(
+        str(info.value),
+        """\
+'net.0.weight' is already sparsified: a model can be sparsified once.
+Call sparsifier.remove() first, or keep using the existing sparsifier.""",
+    )
+
+
 # -- DDP: 2 CPU processes on gloo ------------------------------------------------------
 
 
@@ -532,6 +550,36 @@ def _ddp_main(out: Path) -> None:
 
     run("uninterrupted", 0, None)
     run("resumed", 1, out / "epoch=0.ckpt")
+
+
+# -- the example, on the real data ------------------------------------------------
+
+
+def test_example_quick_run_on_real_fashion_mnist(tmp_path: Path):
+    script = ROOT / "examples" / "lightning_fashion_mnist.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")},
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout.splitlines()[-2:]  # run, test accuracy, train seconds
+    accuracy = {line[:10].strip(): float(line.split()[-2]) for line in table}
+    assert set(accuracy) == {"dense", "rigl 90%"}, proc.stdout
+    assert accuracy["dense"] > 0.7 and accuracy["rigl 90%"] > 0.6  # chance: 0.1
+    assert "total                     0.9000  0.9000" in proc.stdout
+    header, *lines = (
+        (tmp_path / "rigl" / "version_0" / "metrics.csv").read_text().splitlines()
+    )
+    columns = header.split(",")
+    for name in ("sparsity/sparsity", "sparsity/mask_change", "sparsity/itop"):
+        assert name in columns
+    updates = [line.split(",")[columns.index("sparsity/updates")] for line in lines]
+    assert float([u for u in updates if u][-1]) > 0
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["ddp"]:
