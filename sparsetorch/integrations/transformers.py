@@ -45,6 +45,7 @@ from transformers import (
     TrainerState,
     TrainingArguments,
 )
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sparsetorch import _distributed
 from sparsetorch.api import sparsify
@@ -57,7 +58,7 @@ __all__ = ["SPARSIFIER_NAME", "SparseTrainingCallback"]
 SPARSIFIER_NAME = "sparsifier.pt"
 
 
-class SparseTrainingCallback(TrainerCallback):  # type: ignore[misc]
+class SparseTrainingCallback(TrainerCallback):
     r"""Train the Hugging Face ``Trainer``'s model sparse, checkpoints included.
 
     The arguments are those of :func:`sparsetorch.sparsify` (see there), except
@@ -111,12 +112,13 @@ class SparseTrainingCallback(TrainerCallback):  # type: ignore[misc]
 
     Example::
 
+        >>> import tempfile
         >>> import torch
         >>> from transformers import Trainer, TrainingArguments
         >>> from sparsetorch.integrations.transformers import SparseTrainingCallback
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
         >>> callback = SparseTrainingCallback(policy="static", sparsity=0.75)
-        >>> args = TrainingArguments("out", use_cpu=True, report_to=[])
+        >>> args = TrainingArguments(tempfile.mkdtemp(), use_cpu=True, report_to=[])
         >>> trainer = Trainer(model, args, callbacks=[callback])
         >>> int(callback.sparsifier.masks["0.weight"].sum())
         16
@@ -207,7 +209,7 @@ class SparseTrainingCallback(TrainerCallback):  # type: ignore[misc]
         if self.total_steps is None and self.end_step is None:
             sparsifier.set_total_steps(state.max_steps)
         if state.global_step > 0:  # resumed: the Trainer restored trainer_state
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            folder = _checkpoint_folder(args, state)
             self._load(folder, sparsifier, resumed=True)
 
     def on_save(
@@ -220,7 +222,7 @@ class SparseTrainingCallback(TrainerCallback):  # type: ignore[misc]
         """Write the sparsifier state into the checkpoint just saved."""
         if self._sparsifier is None or not args.should_save:
             return
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        folder = _checkpoint_folder(args, state)
         if not os.path.isdir(folder):
             raise RuntimeError(
                 f"SparseTrainingCallback found no checkpoint folder {folder} to "
@@ -307,6 +309,13 @@ class SparseTrainingCallback(TrainerCallback):  # type: ignore[misc]
                 "resume_from_checkpoint=True."
             )
         sparsifier.load_state_dict(saved["sparsifier"])
+
+
+def _checkpoint_folder(args: TrainingArguments, state: TrainerState) -> str:
+    """Where ``Trainer._save_checkpoint`` writes the checkpoint of this step."""
+    # output_dir is None only before TrainingArguments.__post_init__ sets it.
+    root = str(args.output_dir)
+    return os.path.join(root, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
 
 def _checksums(sparsifier: Sparsifier, *, masked: bool) -> dict[str, int]:
