@@ -282,6 +282,12 @@ class SparseTraining(Callback):
             self._run_steps = _run_length(trainer)
             sparsifier.set_total_steps(self._run_steps)
         self._seen_updates = sparsifier.update_count
+        if self._ever_active is not None:  # the strategy moved the masks
+            masks = sparsifier.masks
+            self._ever_active = {
+                fqn: ever.to(masks[fqn].device)
+                for fqn, ever in self._ever_active.items()
+            }
 
     def on_before_optimizer_step(
         self,
@@ -362,7 +368,9 @@ class SparseTraining(Callback):
             "mask_change": self.mask_change,
         }
         if self._ever_active is not None:
-            state["ever_active"] = {f: e.clone() for f, e in self._ever_active.items()}
+            state["ever_active"] = {
+                fqn: ever.cpu().clone() for fqn, ever in self._ever_active.items()
+            }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
