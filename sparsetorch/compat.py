@@ -4,18 +4,32 @@ Change the import line and nothing else::
 
     # from rigl_torch.RigL import RigLScheduler
     from sparsetorch import RigLScheduler
+
+What carries over from rigl-torch 0.5.2 (see ``docs/migration.md``): its
+arguments with the types it accepts, its ``if pruner(): optimizer.step()``
+protocol and schedule, its layer list and per-layer active counts, the
+attributes its scripts read (``W``, ``backward_masks``, ``S``, ``N``, ...) as
+read-only views, a model already wrapped in ``DistributedDataParallel``, and its
+checkpoints (``pruner.state_dict()`` saved by rigl-torch, passed back as
+``state_dict=``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import numbers
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from sparsetorch import _distributed
+from sparsetorch._checkpoint import encode_mask
 from sparsetorch.api import _check_optimizer_holds, sparsify
+from sparsetorch.schedule import Schedule
 from sparsetorch.sparsifier import Sparsifier
 from sparsetorch.topology import named_tensors, select_tensors
 
@@ -23,41 +37,86 @@ __all__ = ["RigLScheduler"]
 
 _DISTRIBUTIONS = {"uniform": "uniform", "ERK": "erk", "erk": "erk"}
 
+#: The keys of a rigl-torch ``RigLScheduler.state_dict()``.
+_RIGL_TORCH_KEYS = frozenset(
+    {
+        "dense_allocation",
+        "S",
+        "N",
+        "hyperparams",
+        "step",
+        "rigl_steps",
+        "backward_masks",
+        "_linear_layers_mask",
+    }
+)
+#: rigl-torch's hyperparameter names -> this class's argument names.
+_RIGL_TORCH_HYPERPARAMS = {
+    "delta_T": "delta",
+    "alpha": "alpha",
+    "T_end": "T_end",
+    "ignore_linear_layers": "ignore_linear_layers",
+    "static_topo": "static_topo",
+    "sparsity_distribution": "sparsity_distribution",
+    "grad_accumulation_n": "grad_accumulation_n",
+}
+
 
 class RigLScheduler:
-    """RigL with the constructor and calling protocol of ``rigl-torch``.
+    """RigL with the constructor, calling protocol and attributes of ``rigl-torch``.
 
     In the training loop, ``if pruner(): optimizer.step()``: each call counts a
     step; on a RigL step (``step % delta == 0 and step < T_end``) the topology
     is updated from this step's gradients and the call returns ``False``, so the
-    optimizer step is skipped, exactly as in ``rigl-torch``. Built on
-    :func:`sparsetorch.sparsify`, with rigl-torch's rules for which layers stay
-    dense:
+    optimizer step is skipped, exactly as in ``rigl-torch``. The drop fraction
+    is ``alpha / 2 * (1 + cos(pi * step / T_end))``. Built on
+    :func:`sparsetorch.sparsify`.
 
-    * ``sparsity_distribution="uniform"``: the first sparsifiable layer stays
-      dense, the others get sparsity ``1 - dense_allocation``;
-    * ``"ERK"``: Erdős–Rényi-Kernel over all sparsified layers;
+    The layers are rigl-torch's: every module that is an ``nn.Linear`` or has a
+    ``weight`` (except ``nn.BatchNorm2d``), in model order, without looking
+    inside such a module (:attr:`W`). Of these, the ones
+    :func:`sparsetorch.sparsify` selects by default (``nn.Linear`` and
+    ``nn.Conv*``) are sparsified, by rigl-torch's rules:
+
+    * ``sparsity_distribution="uniform"``: the first layer stays dense, the
+      others keep ``n - int((1 - dense_allocation) * n)`` of their ``n``
+      weights, rigl-torch's count;
+    * ``"ERK"``: Erdős–Rényi-Kernel over all sparsified layers (an extension:
+      rigl-torch accepts only ``"uniform"``);
     * ``ignore_linear_layers=True``: ``nn.Linear`` layers stay dense.
 
-    Sparsifiable layers are those :func:`sparsetorch.sparsify` selects by
-    default (``nn.Linear`` and ``nn.Conv*`` weights); unlike ``rigl-torch``, norm
-    layers and embeddings stay dense.
+    Unlike rigl-torch, the other layers of :attr:`W` (norms, embeddings) stay
+    dense, unless a rigl-torch checkpoint sparsified them.
+
+    A model already wrapped in ``DistributedDataParallel`` works as in
+    rigl-torch: pass the wrapper; its gradient reduction is rebuilt over the
+    masked weights.
 
     Args:
-        model: the model, sparsified in place.
+        model: the model, sparsified in place (a ``DistributedDataParallel``
+            wrapper is sparsified through its ``.module``).
         optimizer: its optimizer; state is reset where masks change.
         dense_allocation: fraction of weights kept, in ``(0, 1]``. ``1`` keeps the
             model dense (with a warning). Default: ``1``.
-        T_end: step at which updates stop. Required unless ``static_topo``.
+        T_end: step at which updates stop (an int, or a float as rigl-torch
+            accepts). Required unless ``static_topo``.
         sparsity_distribution: ``"uniform"`` or ``"ERK"``. Default: ``"uniform"``.
-        ignore_linear_layers: keep ``nn.Linear`` layers dense. Default: ``True``.
-        delta: steps between updates. Default: ``100``.
+        ignore_linear_layers: keep ``nn.Linear`` layers dense (``True``/``False``
+            or ``1``/``0``). Default: ``True``.
+        delta: steps between updates (an int, or an integral float).
+            Default: ``100``.
         alpha: initial drop fraction, cosine-decayed to 0 at ``T_end``.
             Default: ``0.3``.
-        static_topo: never update the masks. Default: ``False``.
+        static_topo: never update the masks (``True``/``False`` or ``1``/``0``,
+            as an argparse int). Default: ``False``.
         grad_accumulation_n: number of backward passes (one per call) whose
             dense gradients are summed for growth. Default: ``1``.
-        state_dict: a :meth:`state_dict` to resume from. Default: ``None``.
+        state_dict: a checkpoint to resume from: this class's
+            :meth:`state_dict`, or a rigl-torch ``RigLScheduler.state_dict()``
+            (its hyperparameters, masks and counts are adopted, as rigl-torch
+            does). Default: ``None``.
+
+    Numbers may be Python or numpy scalars.
 
     Example::
 
@@ -75,6 +134,10 @@ class RigLScheduler:
         ...         optimizer.step()
         >>> pruner.step, pruner.rigl_steps
         (20, 2)
+        >>> pruner.S, pruner.N
+        ([0, 0.75], [128, 32])
+        >>> [None if m is None else int(m.sum()) for m in pruner.backward_masks]
+        [None, 8]
     """
 
     def __init__(
@@ -82,29 +145,85 @@ class RigLScheduler:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         dense_allocation: float = 1,
-        T_end: int | None = None,
+        T_end: float | None = None,
         sparsity_distribution: str = "uniform",
         ignore_linear_layers: bool = True,
         delta: int = 100,
         alpha: float = 0.3,
         static_topo: bool = False,
         grad_accumulation_n: int = 1,
-        state_dict: dict[str, Any] | None = None,
+        state_dict: Mapping[str, Any] | None = None,
     ) -> None:
-        _check_arguments(
-            model,
-            optimizer,
-            dense_allocation=dense_allocation,
-            T_end=T_end,
-            sparsity_distribution=sparsity_distribution,
-            ignore_linear_layers=ignore_linear_layers,
-            delta=delta,
-            alpha=alpha,
-            static_topo=static_topo,
-            grad_accumulation_n=grad_accumulation_n,
-            state_dict=state_dict,
-        )
-        if dense_allocation == 1:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "optimizer must be the model's torch.optim.Optimizer, got "
+                f"{type(optimizer).__name__}."
+            )
+        if state_dict is not None and not isinstance(state_dict, Mapping):
+            raise TypeError(
+                "state_dict must be a dict from RigLScheduler.state_dict() (this "
+                f"class's or rigl-torch's) or None, got {type(state_dict).__name__}."
+            )
+        inner, _ = _distributed.unwrap(model)
+        layers = _rigl_torch_layers(inner)
+        given = {
+            "dense_allocation": dense_allocation,
+            "T_end": T_end,
+            "sparsity_distribution": sparsity_distribution,
+            "ignore_linear_layers": ignore_linear_layers,
+            "delta": delta,
+            "alpha": alpha,
+            "static_topo": static_topo,
+            "grad_accumulation_n": grad_accumulation_n,
+        }
+        foreign = state_dict is not None and _is_rigl_torch_checkpoint(state_dict)
+        masks: dict[str, Tensor] = {}
+        if foreign:
+            assert state_dict is not None
+            settings, masks, targets = _read_rigl_torch_checkpoint(state_dict, layers)
+            changed = sorted(k for k, v in settings.items() if v != given[k])
+            if changed:
+                warnings.warn(
+                    "The rigl-torch checkpoint's settings replace the arguments, "
+                    "as in rigl-torch: "
+                    + ", ".join(
+                        f"{k}={settings[k]!r} (not {given[k]!r})" for k in changed
+                    )
+                    + ".",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            given.update(settings)
+        self._settings = _check_arguments(**given)
+        dense = self._settings["dense_allocation"]
+        uniform = self._settings["sparsity_distribution"] == "uniform"
+        selectable = set(select_tensors(inner))
+        if foreign:
+            include = list(masks)
+            self._S = targets
+        else:
+            include = []
+            for i, (fqn, _, is_linear) in enumerate(layers):
+                if fqn not in selectable:
+                    continue  # a norm or embedding: dense (rigl-torch masks it)
+                if i == 0 and uniform and len(layers) > 1:
+                    continue
+                if is_linear and self._settings["ignore_linear_layers"]:
+                    continue
+                include.append(fqn)
+            # rigl-torch's S: 1 - dense_allocation where sparse (ERK: below).
+            self._S = {fqn: 1 - dense for fqn in include}
+        if not include:
+            raise ValueError(
+                "RigLScheduler found nothing to sparsify: "
+                f"ignore_linear_layers={self._settings['ignore_linear_layers']} and "
+                f"sparsity_distribution={self._settings['sparsity_distribution']!r} "
+                f"keep every layer of {[fqn for fqn, _, _ in layers]} dense.\n"
+                "Pass ignore_linear_layers=False."
+            )
+        if dense == 1 and not foreign:
             warnings.warn(
                 "RigLScheduler with dense_allocation=1 keeps the model dense "
                 "(rigl-torch's default). Pass dense_allocation=0.1 for 90% "
@@ -112,58 +231,56 @@ class RigLScheduler:
                 UserWarning,
                 stacklevel=2,
             )
-        selected = select_tensors(model)
-        dense = []
-        if ignore_linear_layers:
-            modules = dict(model.named_modules())
-            dense = [
-                fqn
-                for fqn in selected
-                if isinstance(modules[fqn.rpartition(".")[0]], nn.Linear)
-            ]
-        if sparsity_distribution == "uniform" and len(selected) > 1:
-            dense.append(selected[0])
-        include = [fqn for fqn in selected if fqn not in dense]
-        if not include:
-            raise ValueError(
-                "RigLScheduler found nothing to sparsify: "
-                f"ignore_linear_layers={ignore_linear_layers} and "
-                f"sparsity_distribution={sparsity_distribution!r} keep every layer "
-                f"of {selected} dense.\nPass ignore_linear_layers=False."
-            )
-        self.delta = delta
-        self.alpha = alpha
-        self.T_end = T_end
-        self.dense_allocation = dense_allocation
-        self.sparsity_distribution = sparsity_distribution
-        self.ignore_linear_layers = ignore_linear_layers
-        self.static_topo = static_topo
-        self.grad_accumulation_n = grad_accumulation_n
-        tensors = dict(named_tensors(model))
+        self._layers = layers
+        self._model = model
+        self._optimizer = optimizer
+        tensors = dict(named_tensors(inner))
         _check_optimizer_holds(
             optimizer,
             {fqn: tensors[fqn] for fqn in include if tensors[fqn].requires_grad},
         )
+        distribution: str | dict[str, float]
+        if foreign:
+            distribution = {
+                fqn: (mask.numel() - int(mask.sum())) / mask.numel()
+                for fqn, mask in masks.items()
+            }
+        elif uniform:
+            # rigl-torch's count: int((1 - dense_allocation) * n) zeros.
+            distribution = {
+                fqn: int((1 - dense) * tensors[fqn].numel()) / tensors[fqn].numel()
+                for fqn in include
+            }
+        else:
+            distribution = "erk"
         # Kept to undo sparsify() if the state_dict does not fit.
         dense_copy = (
             None
             if state_dict is None
             else {fqn: tensors[fqn].detach().clone() for fqn in include}
         )
+        static = self._settings["static_topo"]
+        t_end = self._settings["T_end"]
         self.sparsifier: Sparsifier = sparsify(
             model,
             None,
-            policy="static" if static_topo else "rigl",
-            sparsity=1.0 - float(dense_allocation),
-            distribution=_DISTRIBUTIONS[sparsity_distribution],
-            end_step=T_end,
-            update_interval=delta,
-            drop_fraction=alpha,
+            policy="static" if static else "rigl",
+            sparsity=1.0 - dense,
+            distribution=distribution,
+            end_step=None if t_end is None else math.ceil(t_end),
+            update_interval=self._settings["delta"],
+            drop_fraction=self._settings["alpha"],
             include=[glob_escape(fqn) for fqn in include],
         )
+        if not uniform and not foreign:
+            self._S = dict(self.sparsifier.topology.sparsities)
+        if isinstance(t_end, float) and not t_end.is_integer() and not static:
+            self.sparsifier.schedule = _FloatEndSchedule(
+                **dataclasses.asdict(self.sparsifier.schedule), t_end=t_end
+            )
         self.sparsifier.optimizer = optimizer
-        if grad_accumulation_n > 1:
-            self.sparsifier.capture_steps = grad_accumulation_n
+        if self._settings["grad_accumulation_n"] > 1:
+            self.sparsifier.capture_steps = self._settings["grad_accumulation_n"]
         if dense_copy is not None and state_dict is not None:
             try:
                 self.load_state_dict(state_dict)
@@ -184,6 +301,71 @@ class RigLScheduler:
         self.sparsifier.step()
         return not scheduled
 
+    # -- rigl-torch's attributes, read-only ----------------------------------------
+
+    @property
+    def model(self) -> nn.Module:
+        """The model as passed (a ``DistributedDataParallel`` wrapper stays one)."""
+        return self._model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer as passed."""
+        return self._optimizer
+
+    @property
+    def W(self) -> list[Tensor]:
+        """rigl-torch's layer list: each layer's weight, in model order.
+
+        Sparsified weights are the stored parameters (the tensors the optimizer
+        holds, zero outside their masks); dense layers' weights as they are.
+        """
+        params = self.sparsifier.topology.params
+        return [params.get(fqn, _weight(module)) for fqn, module, _ in self._layers]
+
+    @property
+    def N(self) -> list[int]:
+        """Number of weights of each layer of :attr:`W`."""
+        return [w.numel() for w in self.W]
+
+    @property
+    def S(self) -> list[float]:
+        """Target sparsity of each layer of :attr:`W` (``0`` where dense).
+
+        As in rigl-torch, a layer keeps ``N - int(S * N)`` weights.
+        """
+        return [
+            self._S[fqn] if self._S.get(fqn, 0) > 0 else 0 for fqn, _, _ in self._layers
+        ]
+
+    @property
+    def backward_masks(self) -> list[Tensor | None]:
+        """The live bool mask of each layer of :attr:`W`; ``None`` where dense."""
+        masks = self.sparsifier.masks
+        return [
+            masks[fqn] if s > 0 else None
+            for (fqn, _, _), s in zip(self._layers, self.S, strict=True)
+        ]
+
+    @property
+    def backward_hook_objects(self) -> list[_DenseGrad | None]:
+        """Per layer of :attr:`W`, an object whose ``dense_grad`` is the gradient
+        RigL grows from (averaged over ``grad_accumulation_n`` passes, as in
+        rigl-torch), or ``None`` outside the passes before an update; ``None``
+        where the layer is dense."""
+        parametrizations = self.sparsifier.topology.parametrizations
+        return [
+            None if mask is None else _DenseGrad(i, self, parametrizations[fqn])
+            for i, ((fqn, _, _), mask) in enumerate(
+                zip(self._layers, self.backward_masks, strict=True)
+            )
+        ]
+
+    @property
+    def _linear_layers_mask(self) -> list[int]:
+        """``1`` for each layer of :attr:`W` that is an ``nn.Linear``, else ``0``."""
+        return [int(is_linear) for _, _, is_linear in self._layers]
+
     @property
     def step(self) -> int:
         """Calls so far."""
@@ -195,17 +377,129 @@ class RigLScheduler:
         return self.sparsifier.update_count
 
     @property
+    def dense_allocation(self) -> float:
+        """The fraction of weights kept, as passed."""
+        return float(self._settings["dense_allocation"])
+
+    @property
+    def T_end(self) -> float | None:
+        """The step at which updates stop."""
+        return self._settings["T_end"]  # type: ignore[no-any-return]
+
+    @property
+    def delta(self) -> int:
+        """Steps between updates (rigl-torch also calls it :attr:`delta_T`)."""
+        return int(self._settings["delta"])
+
+    @property
+    def delta_T(self) -> int:
+        """rigl-torch's name of :attr:`delta`."""
+        return self.delta
+
+    @property
+    def alpha(self) -> float:
+        """The initial drop fraction."""
+        return float(self._settings["alpha"])
+
+    @property
+    def static_topo(self) -> bool:
+        """Whether the masks never change."""
+        return bool(self._settings["static_topo"])
+
+    @property
+    def ignore_linear_layers(self) -> bool:
+        """Whether ``nn.Linear`` layers stay dense."""
+        return bool(self._settings["ignore_linear_layers"])
+
+    @property
+    def sparsity_distribution(self) -> str:
+        """``"uniform"`` or ``"ERK"``, as passed."""
+        return str(self._settings["sparsity_distribution"])
+
+    @property
+    def grad_accumulation_n(self) -> int:
+        """Backward passes whose dense gradients RigL grows from."""
+        return int(self._settings["grad_accumulation_n"])
+
+    @property
     def masks(self) -> dict[str, Tensor]:
         """``tensor_fqn -> live bool mask`` of the sparsified tensors."""
         return self.sparsifier.masks
+
+    # -- rigl-torch's methods --------------------------------------------------------
+
+    def cosine_annealing(self) -> float:
+        """The drop fraction an update at the current step uses."""
+        return self.sparsifier.schedule.drop_fraction_at(self.step)
+
+    def apply_mask_to_weights(self) -> None:
+        """Zero the weights (and optimizer state) outside the masks."""
+        self.sparsifier.apply_masks()
+
+    def reset_momentum(self) -> None:
+        """Zero the optimizer state (and weights) outside the masks."""
+        self.sparsifier.apply_masks()
+
+    @torch.no_grad()
+    def apply_mask_to_gradients(self) -> None:
+        """Zero the gradients outside the masks (sparsetorch keeps them so)."""
+        params = self.sparsifier.topology.params
+        for fqn, mask in self.masks.items():
+            grad = params[fqn].grad
+            if grad is not None:
+                grad.mul_(mask)
+
+    # -- checkpoints -------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """The sparsifier's state dict (masks, step, generator state)."""
         return self.sparsifier.state_dict()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict`."""
-        self.sparsifier.load_state_dict(state_dict)
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict`, or from a rigl-torch checkpoint.
+
+        A rigl-torch checkpoint must have this scheduler's settings here (pass
+        it to the constructor as ``state_dict=`` to adopt its settings).
+
+        Raises:
+            ValueError: the checkpoint does not fit this model or scheduler.
+            TypeError: it is not a dict, or holds values of the wrong type.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                "RigLScheduler.load_state_dict takes a dict from "
+                f"RigLScheduler.state_dict(), got {type(state_dict).__name__}."
+            )
+        if not _is_rigl_torch_checkpoint(state_dict):
+            self.sparsifier.load_state_dict(state_dict)
+            return
+        settings, masks, _ = _read_rigl_torch_checkpoint(state_dict, self._layers)
+        mismatched = sorted(
+            k
+            for k, v in _check_arguments(**{**self._settings, **settings}).items()
+            if v != self._settings[k]
+        )
+        if mismatched or set(masks) != set(self.masks):
+            lines = [
+                f"{k}: checkpoint {settings[k]!r}, this scheduler {self._settings[k]!r}"
+                for k in mismatched
+            ]
+            if set(masks) != set(self.masks):
+                lines.append(
+                    f"sparse layers: checkpoint {sorted(masks)}, this scheduler "
+                    f"{sorted(self.masks)}"
+                )
+            raise ValueError(
+                "The rigl-torch checkpoint was made with other settings:\n"
+                + "\n".join(lines)
+                + "\nPass it to the constructor instead: RigLScheduler(model, "
+                "optimizer, ..., state_dict=checkpoint) adopts its settings."
+            )
+        ours = self.sparsifier.state_dict()
+        ours["step"] = _count(state_dict, "step")
+        ours["updates"] = _count(state_dict, "rigl_steps")
+        ours["masks"] = {fqn: encode_mask(mask) for fqn, mask in masks.items()}
+        self.sparsifier.load_state_dict(ours)
 
     def __str__(self) -> str:
         return (
@@ -215,39 +509,220 @@ class RigLScheduler:
         )
 
 
+class _DenseGrad:
+    """rigl-torch's per-layer backward-hook object, reduced to what scripts read."""
+
+    def __init__(self, layer: int, scheduler: RigLScheduler, parametrization: Any):
+        self.layer = layer
+        self.scheduler = scheduler
+        self._parametrization = parametrization
+
+    @property
+    def dense_grad(self) -> Tensor | None:
+        grad: Tensor | None = self._parametrization.dense_grad
+        n = self.scheduler.grad_accumulation_n
+        return grad if grad is None or n == 1 else grad / n
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _FloatEndSchedule(Schedule):
+    """rigl-torch's schedule for a non-integral ``T_end``.
+
+    Updates while ``step < t_end`` (``end_step = ceil(t_end)``), with the drop
+    fraction ``drop_fraction / 2 * (1 + cos(step * pi / t_end))``.
+    """
+
+    t_end: float = 1.0
+
+    def drop_fraction_at(self, step: int) -> float:
+        step = min(max(step, 0), self.t_end)  # type: ignore[assignment]
+        return self.drop_fraction / 2 * (1 + math.cos((step * math.pi) / self.t_end))
+
+
+def _rigl_torch_layers(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
+    """``(tensor_fqn, module, is_linear)`` of each layer rigl-torch lists in ``W``.
+
+    rigl-torch walks the modules in order, starting with the model itself: an
+    ``nn.Linear``, or any module with a ``weight`` other than
+    ``nn.BatchNorm2d``, is a layer (and is not looked inside); any other module
+    is looked inside. Modules whose ``weight`` is not a tensor are skipped
+    (rigl-torch fails on them).
+    """
+    layers: list[tuple[str, nn.Module, bool]] = []
+
+    def visit(name: str, module: nn.Module) -> None:
+        is_linear = isinstance(module, nn.Linear)
+        if is_linear or (
+            hasattr(module, "weight") and type(module) is not nn.BatchNorm2d
+        ):
+            if isinstance(getattr(module, "weight", None), Tensor):
+                layers.append(
+                    (f"{name}.weight" if name else "weight", module, is_linear)
+                )
+            return
+        for child_name, child in module.named_children():
+            visit(f"{name}.{child_name}" if name else child_name, child)
+
+    visit("", model)
+    return layers
+
+
+def _weight(module: nn.Module) -> Tensor:
+    weight = module.weight
+    assert isinstance(weight, Tensor)  # _rigl_torch_layers lists only these
+    return weight
+
+
+def _is_rigl_torch_checkpoint(state_dict: Mapping[str, Any]) -> bool:
+    return "format_version" not in state_dict and "backward_masks" in state_dict
+
+
+def _read_rigl_torch_checkpoint(
+    state_dict: Mapping[str, Any], layers: Sequence[tuple[str, nn.Module, bool]]
+) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, float]]:
+    """The settings, masks and sparsities of a rigl-torch ``state_dict()``.
+
+    Returns:
+        ``(settings, masks, sparsities)``: the constructor arguments it was
+        made with, and ``tensor_fqn -> bool mask`` and ``tensor_fqn -> S`` of
+        its sparse layers.
+
+    Raises:
+        ValueError: a key is missing, or it was made for another model.
+        TypeError: a value has the wrong type.
+    """
+    missing = sorted(_RIGL_TORCH_KEYS - set(state_dict))
+    if missing:
+        raise ValueError(
+            f"The rigl-torch checkpoint lacks the keys {missing}: it is truncated "
+            "or not made by rigl-torch's RigLScheduler.state_dict()."
+        )
+    hyperparams = state_dict["hyperparams"]
+    if not isinstance(hyperparams, Mapping):
+        raise TypeError(
+            "The rigl-torch checkpoint's 'hyperparams' must be a dict, got "
+            f"{type(hyperparams).__name__}."
+        )
+    absent = sorted(set(_RIGL_TORCH_HYPERPARAMS) - set(hyperparams))
+    if absent:
+        raise ValueError(f"The rigl-torch checkpoint's 'hyperparams' lacks {absent}.")
+    settings = {
+        ours: hyperparams[theirs] for theirs, ours in _RIGL_TORCH_HYPERPARAMS.items()
+    }
+    settings["dense_allocation"] = state_dict["dense_allocation"]
+    numels = [_weight(module).numel() for _, module, _ in layers]
+    stored = state_dict["N"]
+    if not isinstance(stored, Sequence) or list(stored) != numels:
+        raise ValueError(
+            "The rigl-torch checkpoint is from another model: its layers' sizes "
+            f"N are {stored!r}, this model's are {numels} (layers "
+            f"{[fqn for fqn, _, _ in layers]})."
+        )
+    backward_masks = state_dict["backward_masks"]
+    if not isinstance(backward_masks, Sequence) or len(backward_masks) != len(layers):
+        raise ValueError(
+            "The rigl-torch checkpoint's 'backward_masks' must be a list with one "
+            f"entry per layer ({len(layers)}), got {backward_masks!r:.200}."
+        )
+    targets = state_dict["S"]
+    if not isinstance(targets, Sequence) or len(targets) != len(layers):
+        raise ValueError(
+            "The rigl-torch checkpoint's 'S' must be a list with one sparsity per "
+            f"layer ({len(layers)}), got {targets!r:.200}."
+        )
+    masks, sparsities = {}, {}
+    for (fqn, module, _), mask, target in zip(
+        layers, backward_masks, targets, strict=True
+    ):
+        if mask is None:
+            continue
+        if not isinstance(mask, Tensor):
+            raise TypeError(
+                f"The rigl-torch checkpoint's mask of {fqn!r} must be a tensor or "
+                f"None, got {type(mask).__name__}."
+            )
+        shape = tuple(_weight(module).shape)
+        if tuple(mask.shape) != shape:
+            raise ValueError(
+                f"The rigl-torch checkpoint's mask of {fqn!r} has shape "
+                f"{tuple(mask.shape)}, the weight {shape}."
+            )
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(
+                f"The rigl-torch checkpoint's mask of {fqn!r} holds values other "
+                "than 0 and 1."
+            )
+        mask = mask.detach().to("cpu", torch.bool)
+        sparsity = _as_real(f"The rigl-torch checkpoint's S of {fqn!r}", target)
+        numel = mask.numel()
+        keep = numel - int(sparsity * numel)  # rigl-torch's count
+        if int(mask.sum()) != keep:
+            raise ValueError(
+                f"The rigl-torch checkpoint's mask of {fqn!r} has {int(mask.sum())} "
+                f"active weights, but its S={sparsity!r} keeps {numel} - "
+                f"int({sparsity!r} * {numel}) = {keep}: it is corrupted."
+            )
+        masks[fqn], sparsities[fqn] = mask, sparsity
+    _count(state_dict, "step")
+    _count(state_dict, "rigl_steps")
+    return settings, masks, sparsities
+
+
+def _count(state_dict: Mapping[str, Any], key: str) -> int:
+    value = state_dict[key]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(
+            f"The rigl-torch checkpoint's {key!r} must be an int >= 0, got {value!r}."
+        )
+    return int(value)
+
+
+def _as_flag(name: str, value: object) -> bool:
+    """``True``/``False``, ``1``/``0`` (an argparse int) or a numpy bool."""
+    if isinstance(value, (bool, numbers.Integral)) and value in (0, 1):
+        return bool(value)
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False (or 1 or 0), got {value!r}.")
+
+
+def _as_real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {value!r}.")
+    return float(value)
+
+
+def _as_int(name: str, value: object) -> int:
+    """An int, or a float or numpy number holding one (``100.0``)."""
+    if not isinstance(value, bool) and isinstance(value, numbers.Integral):
+        return int(value)
+    if (
+        not isinstance(value, bool)
+        and isinstance(value, numbers.Real)
+        and float(value).is_integer()
+    ):
+        return int(float(value))
+    raise TypeError(f"{name} must be an int, got {value!r}.")
+
+
 def _check_arguments(
-    model: object,
-    optimizer: object,
     *,
     dense_allocation: object,
     T_end: object,
     sparsity_distribution: object,
     ignore_linear_layers: object,
-    delta: int,
+    delta: object,
     alpha: object,
     static_topo: object,
-    grad_accumulation_n: int,
-    state_dict: object,
-) -> None:
-    """Check every ``RigLScheduler`` argument before anything changes."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            "optimizer must be the model's torch.optim.Optimizer, got "
-            f"{type(optimizer).__name__}."
-        )
-    for name, value in (
-        ("ignore_linear_layers", ignore_linear_layers),
-        ("static_topo", static_topo),
-    ):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, got {value!r}.")
-    if isinstance(dense_allocation, bool) or not isinstance(
-        dense_allocation, (int, float)
-    ):
-        raise TypeError(f"dense_allocation must be a float, got {dense_allocation!r}.")
-    if not 0 < dense_allocation <= 1:
+    grad_accumulation_n: object,
+) -> dict[str, Any]:
+    """Check every ``RigLScheduler`` setting; return them as Python values."""
+    flags = {
+        "ignore_linear_layers": _as_flag("ignore_linear_layers", ignore_linear_layers),
+        "static_topo": _as_flag("static_topo", static_topo),
+    }
+    dense = _as_real("dense_allocation", dense_allocation)
+    if not 0 < dense <= 1:
         raise ValueError(
             f"dense_allocation must be in (0, 1], got {dense_allocation!r}.\n"
             "It is the fraction of weights kept: 0.1 means 90% sparsity."
@@ -262,42 +737,46 @@ def _check_arguments(
             f"Unknown sparsity_distribution {sparsity_distribution!r}.\n"
             f"Known: {sorted(_DISTRIBUTIONS)}."
         )
-    for name, value in (("delta", delta), ("grad_accumulation_n", grad_accumulation_n)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {value!r}.")
-    if delta < 1:
+    interval = _as_int("delta", delta)
+    accumulate = _as_int("grad_accumulation_n", grad_accumulation_n)
+    if interval < 1:
         raise ValueError(f"delta must be an int >= 1, got {delta!r}.")
-    if not 1 <= grad_accumulation_n < delta:
+    if not 1 <= accumulate < interval:
         raise ValueError(
             "grad_accumulation_n must be an int in [1, delta), got "
-            f"{grad_accumulation_n!r} (delta={delta})."
+            f"{grad_accumulation_n!r} (delta={delta!r})."
         )
-    if T_end is None and not static_topo:
+    end: float | None = None
+    if T_end is None and not flags["static_topo"]:
         raise ValueError(
             "RigLScheduler needs T_end, the step at which topology updates "
             "stop (rigl-torch crashes without it).\nA common choice: "
             "T_end = int(0.75 * epochs * len(loader))."
         )
     if T_end is not None:
-        if isinstance(T_end, bool) or not isinstance(T_end, int):
-            raise TypeError(f"T_end must be an int, got {T_end!r}.")
-        if T_end < 1:
+        end = _as_real("T_end", T_end)
+        if not math.isfinite(end) or end <= 0:
             raise ValueError(
-                f"T_end must be >= 1, got {T_end}: it is the step at which "
+                f"T_end must be > 0, got {T_end!r}: it is the step at which "
                 "topology updates stop."
             )
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha must be a float, got {alpha!r}.")
-    if not 0 <= alpha <= 1:
+        if end.is_integer():
+            end = int(end)
+    fraction = _as_real("alpha", alpha)
+    if not 0 <= fraction <= 1:
         raise ValueError(
             f"alpha must be in [0, 1], got {alpha!r}: it is the fraction of "
             "active weights the first update drops."
         )
-    if state_dict is not None and not isinstance(state_dict, Mapping):
-        raise TypeError(
-            "state_dict must be a dict from RigLScheduler.state_dict() or None, "
-            f"got {type(state_dict).__name__}."
-        )
+    return {
+        "dense_allocation": dense,
+        "T_end": end,
+        "sparsity_distribution": sparsity_distribution,
+        "delta": interval,
+        "alpha": fraction,
+        "grad_accumulation_n": accumulate,
+        **flags,
+    }
 
 
 def glob_escape(name: str) -> str:

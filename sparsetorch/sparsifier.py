@@ -500,6 +500,9 @@ class Sparsifier:
             for optimizer in self.optimizers:
                 if isinstance(optimizer, torch.optim.LBFGS):
                     _restart_lbfgs(optimizer)
+        _distributed.check_ranks_agree(
+            self.masks, self.topology.params, self.step_count
+        )
         self.update_count += 1
         return True
 

@@ -79,14 +79,14 @@ class _Spy:
     """Record what sparsetorch and DDP send through torch.distributed."""
 
     def __init__(self) -> None:
-        self.all_reduce_bytes: list[int] = []
+        self.all_reduces: list[tuple[str, int]] = []  # (dtype, numel)
         self.broadcasts: list[list[tuple[str, int]]] = []
         self._all_reduce = dist.all_reduce
         self._broadcast_coalesced = dist._broadcast_coalesced
 
     def __enter__(self) -> _Spy:
         def all_reduce(tensor: Tensor, *args: Any, **kwargs: Any) -> Any:
-            self.all_reduce_bytes.append(tensor.numel() * tensor.element_size())
+            self.all_reduces.append((str(tensor.dtype), tensor.numel()))
             return self._all_reduce(tensor, *args, **kwargs)
 
         def broadcast_coalesced(pg: Any, tensors: list[Tensor], *a: Any) -> Any:
@@ -105,18 +105,27 @@ class _Spy:
 # -- scenarios (run on every rank) --------------------------------------------------
 
 
-def _ddp_training(rank: int, out: str, micro: str) -> dict[str, Any]:
-    """RigL under DDP for STEPS steps; ``micro``: "none", "sync" or "no_sync"."""
-    model, optimizer, sparsifier = _sparse()
-    initial = _masks(sparsifier)
-    ddp = DDP(model)
+def _ddp_training(
+    rank: int, out: str, micro: str, wrap_first: bool = False, **ddp_options: Any
+) -> dict[str, Any]:
+    """RigL under DDP for STEPS steps; ``micro``: "none", "sync" or "no_sync".
+
+    ``wrap_first``: wrap the plain model in DDP (with ``ddp_options``), register
+    the spy communication hook, then sparsify the wrapper, instead of
+    sparsifying and then wrapping.
+    """
+    masks_by_param: dict[int, Tensor] = {}
+    if wrap_first:
+        torch.manual_seed(0)  # small_sparse's model and optimizer, wrapped first
+        model = small_mlp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        ddp = DDP(model, **ddp_options)
+    else:
+        model, optimizer, sparsifier = _sparse()
+        ddp = DDP(model, **ddp_options)
     outside: list[int] = []  # DDP's view of each masked grad, outside the mask
     inside: list[int] = []
     if micro == "none":
-        masks_by_param = {
-            id(p): sparsifier.masks[fqn]
-            for fqn, p in sparsifier.topology.params.items()
-        }
 
         def spy_hook(state, bucket):  # type: ignore[no-untyped-def]
             # (No annotations: DDP checks them, and they are strings here.)
@@ -133,12 +142,26 @@ def _ddp_training(rank: int, out: str, micro: str) -> dict[str, Any]:
             return work.get_future().then(lambda fut: fut.value()[0])
 
         ddp.register_comm_hook(None, spy_hook)
-    masks, per_step_bytes = [], []
+    if wrap_first:
+        sparsifier = st.sparsify(
+            ddp,
+            optimizer,
+            sparsity=0.75,
+            distribution="uniform",
+            total_steps=100,
+            update_interval=2,
+            drop_fraction=0.5,
+        )
+    masks_by_param.update(
+        {id(p): sparsifier.masks[fqn] for fqn, p in sparsifier.topology.params.items()}
+    )
+    initial = _masks(sparsifier)
+    masks, per_step_sizes = [], []
     with _Spy() as spy:
         for step in range(1, STEPS + 1):
             x, y = _local_batch(step, rank)
             optimizer.zero_grad()
-            before = len(spy.all_reduce_bytes)
+            before = len(spy.all_reduces)
             if micro == "none":
                 F.cross_entropy(ddp(x), y).backward()
             else:
@@ -149,21 +172,21 @@ def _ddp_training(rank: int, out: str, micro: str) -> dict[str, Any]:
                     else:
                         (F.cross_entropy(ddp(xs), ys) / 2).backward()
             optimizer.step()
-            per_step_bytes.append(sum(spy.all_reduce_bytes[before:]))
+            per_step_sizes.append(spy.all_reduces[before:])
             masks.append(_masks(sparsifier))
     result = {
         "initial": initial,
         "masks": masks,
         "weights": _weights(model),
         "updates": sparsifier.update_count,
-        "all_reduce_bytes_per_step": per_step_bytes,
+        "all_reduces_per_step": per_step_sizes,
         "buffer_broadcasts": len(spy.broadcasts),
         "ddp_buffers": sorted(ddp.named_module_buffers),
         "ignored": sorted(ddp.parameters_to_ignore),
         "grad_nonzeros_outside_masks": outside,
         "grad_nonzeros_inside_masks": inside,
     }
-    if micro == "none":
+    if micro == "none" and not wrap_first:
         result.update(_checkpoint_resume(rank, out, ddp, model, optimizer, sparsifier))
     return result
 
@@ -252,9 +275,9 @@ def _errors(rank: int, out: str) -> dict[str, Any]:
 
     messages = {}
     model = small_mlp()
-    ddp = DDP(model)
+    holder = nn.Sequential(DDP(model))  # a DDP inside another module
     try:
-        st.sparsify(ddp, policy="static")
+        st.sparsify(holder, policy="static")
     except RuntimeError as error:
         messages["ddp"] = str(error)
     messages["ddp_untouched"] = not hasattr(model[0], "parametrizations")
@@ -318,11 +341,130 @@ def _average_buckets(rank: int, out: str) -> dict[str, Any]:
     tensors = [t * (rank + 1) for t in base]
     with _Spy() as spy:
         st._distributed.average_(tensors, bucket_numel=10)
-    return {"base": base, "averaged": tensors, "all_reduce_bytes": spy.all_reduce_bytes}
+    return {"base": base, "averaged": tensors, "all_reduces": spy.all_reduces}
+
+
+def _rigl_scheduler_on_ddp(rank: int, out: str) -> dict[str, Any]:
+    """rigl-torch's order: wrap in DDP, then build the RigLScheduler on the wrapper."""
+    torch.manual_seed(0)
+    model = small_mlp()
+    ddp = DDP(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    pruner = st.RigLScheduler(
+        ddp, optimizer, 0.25, T_end=8, delta=2, ignore_linear_layers=False
+    )
+    masks, returned = [], []
+    for step in range(1, STEPS + 1):
+        x, y = _local_batch(step, rank)
+        optimizer.zero_grad()
+        F.cross_entropy(ddp(x), y).backward()
+        returned.append(pruner())
+        if returned[-1]:
+            optimizer.step()
+        masks.append({k: m.clone() for k, m in pruner.masks.items()})
+    return {
+        "masks": masks,
+        "sparse_layers": [m is not None for m in pruner.backward_masks],
+        "returned": returned,
+        "weights": _weights(model),
+        "model_is_wrapper": pruner.model is ddp,
+        "W_are_inner_weights": [
+            w is p
+            for w, p in zip(
+                pruner.W,
+                (model[0].weight, model[2].parametrizations.weight.original),
+                strict=True,
+            )
+        ],
+        "ddp_buffers": sorted(ddp.named_module_buffers),
+    }
+
+
+def _rigl_scheduler_single_process() -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    pruner = st.RigLScheduler(
+        model, optimizer, 0.25, T_end=8, delta=2, ignore_linear_layers=False
+    )
+    masks = []
+    for step in range(1, STEPS + 1):
+        x, y = _global_batch(step)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if pruner():
+            optimizer.step()
+        masks.append({k: m.clone() for k, m in pruner.masks.items()})
+    return {"masks": masks, "weights": _weights(model)}
+
+
+def _guard_inner_module_sparsified(rank: int, out: str) -> dict[str, Any]:
+    """The wrong order: wrapped, then the inner module sparsified.
+
+    DDP's hooks on the masked weights are lost, and find_unused_parameters=True
+    hides it: each rank keeps its own gradients until the guard stops the run
+    at the first update.
+    """
+    torch.manual_seed(0)
+    model = small_mlp()
+    ddp = DDP(model, find_unused_parameters=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = st.sparsify(
+        model,  # not the wrapper
+        optimizer,
+        sparsity=0.75,
+        distribution="uniform",
+        total_steps=100,
+        update_interval=2,
+        drop_fraction=0.5,
+    )
+    result: dict[str, Any] = {}
+    for step in range(1, STEPS + 1):
+        x, y = _local_batch(step, rank)
+        try:
+            train_step(ddp, optimizer, x, y)
+        except RuntimeError as error:
+            result["guard"] = str(error)
+            break
+    result["stopped_at"] = sparsifier.step_count
+    return result
+
+
+def _guard_one_rank_reseeds(rank: int, out: str) -> dict[str, Any]:
+    """SET grows at random: rank 1 reseeds its generator after sparsify."""
+    model, optimizer, sparsifier = _sparse(policy="set")
+    ddp = DDP(model)
+    if rank == 1:
+        sparsifier.generator.manual_seed(1)
+    result: dict[str, Any] = {}
+    for step in range(1, STEPS + 1):
+        x, y = _local_batch(step, rank)
+        try:
+            train_step(ddp, optimizer, x, y)
+        except RuntimeError as error:
+            result["guard"] = str(error)
+            break
+    result["stopped_at"] = sparsifier.step_count
+    return result
 
 
 SCENARIOS: dict[str, Callable[[int, str], dict[str, Any]]] = {
     "ddp": lambda rank, out: _ddp_training(rank, out, "none"),
+    "ddp_wrapped_first": lambda rank, out: _ddp_training(
+        rank, out, "none", wrap_first=True
+    ),
+    "ddp_wrapped_first_unused": lambda rank, out: _ddp_training(
+        rank, out, "none", wrap_first=True, find_unused_parameters=True
+    ),
+    "ddp_wrapped_first_static_graph": lambda rank, out: _ddp_training(
+        rank, out, "none", wrap_first=True, static_graph=True
+    ),
+    "ddp_wrapped_first_no_sync": lambda rank, out: _ddp_training(
+        rank, out, "no_sync", wrap_first=True
+    ),
+    "rigl_scheduler_ddp": _rigl_scheduler_on_ddp,
+    "guard_inner": _guard_inner_module_sparsified,
+    "guard_reseeded": _guard_one_rank_reseeds,
     "ddp_accumulate_sync": lambda rank, out: _ddp_training(rank, out, "sync"),
     "ddp_accumulate_no_sync": lambda rank, out: _ddp_training(rank, out, "no_sync"),
     "set_rank_seeds": _set_with_rank_seeds,
@@ -393,8 +535,17 @@ def _assert_same_masks(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
 # -- DDP ----------------------------------------------------------------------------
 
 
+WRAPPED_FIRST = [
+    "ddp_wrapped_first",
+    "ddp_wrapped_first_unused",
+    "ddp_wrapped_first_static_graph",
+    "ddp_wrapped_first_no_sync",
+]
+
+
 @pytest.mark.parametrize(
-    "scenario", ["ddp", "ddp_accumulate_sync", "ddp_accumulate_no_sync"]
+    "scenario",
+    ["ddp", "ddp_accumulate_sync", "ddp_accumulate_no_sync", *WRAPPED_FIRST],
 )
 def test_ddp_ranks_hold_identical_masks_equal_to_single_process_run(
     ranks: list[dict[str, Any]], single_process: dict[str, Any], scenario: str
@@ -422,8 +573,36 @@ def test_ddp_ranks_hold_identical_masks_equal_to_single_process_run(
         )
 
 
-def test_ddp_broadcasts_no_masks_between_or_at_updates(ranks: list[dict[str, Any]]):
-    for result in _scenario(ranks, "ddp"):
+@pytest.mark.parametrize(
+    ("scenario", "reference"),
+    [
+        ("ddp_wrapped_first", "ddp"),
+        ("ddp_wrapped_first_unused", "ddp"),
+        ("ddp_wrapped_first_static_graph", "ddp"),
+        ("ddp_wrapped_first_no_sync", "ddp_accumulate_no_sync"),
+    ],
+)
+def test_sparsifying_a_ddp_wrapped_model_equals_sparsify_then_wrap_bit_for_bit(
+    ranks: list[dict[str, Any]], scenario: str, reference: str
+):
+    # The rebuilt reducer has the same parameters in the same buckets as the
+    # reducer of a DDP built after sparsify: the same sums, bit for bit.
+    for wrapped, expected in zip(
+        _scenario(ranks, scenario), _scenario(ranks, reference), strict=True
+    ):
+        _assert_same_masks(wrapped["initial"], expected["initial"])
+        for step in range(STEPS):
+            _assert_same_masks(wrapped["masks"][step], expected["masks"][step])
+        assert list(wrapped["weights"]) == list(expected["weights"])
+        for key, value in wrapped["weights"].items():
+            assert torch.equal(value, expected["weights"][key]), key
+
+
+@pytest.mark.parametrize("scenario", ["ddp", *WRAPPED_FIRST])
+def test_ddp_broadcasts_no_masks_between_or_at_updates(
+    ranks: list[dict[str, Any]], scenario: str
+):
+    for result in _scenario(ranks, scenario):
         assert result["ddp_buffers"] == []
         assert result["ignored"] == [
             "0.parametrizations.weight.0.mask",
@@ -450,13 +629,28 @@ def test_sparsetorch_all_reduces_4_bytes_per_masked_weight_per_update_only(
 ):
     masked = 12 * 24 + 24 * 6
     for result in _scenario(ranks, "ddp"):
-        assert result["all_reduce_bytes_per_step"] == [0, 4 * masked] * (STEPS // 2)
+        sizes = result["all_reduces_per_step"]
+        assert sizes[0::2] == [[]] * (STEPS // 2)  # nothing between updates
+        for update in sizes[1::2]:
+            # The dense gradients in one fp32 bucket, then the rank guard's
+            # checksum: 8 int64 (64 bytes).
+            assert [n for dtype, n in update if dtype == "torch.float32"] == [masked]
+            assert [n for dtype, n in update if dtype == "torch.int64"] == [8]
+            small = [
+                (d, n) for d, n in update if d not in ("torch.float32", "torch.int64")
+            ]
+            assert sum(n for _, n in small) <= 8  # per-tensor flags, if any
 
 
 def test_average_is_the_mean_over_ranks_in_fp32_buckets(ranks: list[dict[str, Any]]):
     for result in _scenario(ranks, "average"):
         # Buckets of <= 10 elements: [12], [5 bf16 + 4], [12 non-contiguous], [30].
-        assert result["all_reduce_bytes"] == [48, 36, 48, 120]
+        assert result["all_reduces"] == [
+            ("torch.float32", 12),
+            ("torch.float32", 9),
+            ("torch.float32", 12),
+            ("torch.float32", 30),
+        ]
         for base, averaged in zip(result["base"], result["averaged"], strict=True):
             assert averaged.dtype == base.dtype
             assert averaged.shape == base.shape
@@ -473,6 +667,81 @@ def test_ddp_all_reduces_masked_gradients(ranks: list[dict[str, Any]]):
         # 2 masked weights, STEPS steps and 2 after the checkpoint.
         assert result["grad_nonzeros_outside_masks"] == [0] * (2 * (STEPS + 2))
         assert min(result["grad_nonzeros_inside_masks"]) > 0
+
+
+@pytest.mark.parametrize("scenario", WRAPPED_FIRST[:3])
+def test_ddp_wrapped_before_sparsify_all_reduces_masked_gradients(
+    ranks: list[dict[str, Any]], scenario: str
+):
+    # The communication hook was registered before sparsify: it survives the
+    # reducer's rebuild and sees both masked weights at every step.
+    for result in _scenario(ranks, scenario):
+        assert result["grad_nonzeros_outside_masks"] == [0] * (2 * STEPS)
+        assert min(result["grad_nonzeros_inside_masks"]) > 0
+
+
+def test_rigl_scheduler_on_a_ddp_wrapped_model_keeps_ranks_identical(
+    ranks: list[dict[str, Any]],
+):
+    r0, r1 = _scenario(ranks, "rigl_scheduler_ddp")
+    single = _rigl_scheduler_single_process()
+    assert r0["returned"] == [True, False, True, False, True, False]
+    assert r0["model_is_wrapper"] and r0["W_are_inner_weights"] == [True, True]
+    assert r0["sparse_layers"] == [False, True]  # uniform: the first layer dense
+    assert r0["ddp_buffers"] == []
+    for step in range(STEPS):
+        _assert_same_masks(r0["masks"][step], r1["masks"][step])
+        _assert_same_masks(r0["masks"][step], single["masks"][step])
+    assert not torch.equal(r0["masks"][-1]["2.weight"], r0["masks"][0]["2.weight"])
+    for key, value in r0["weights"].items():
+        assert torch.equal(value, r1["weights"][key]), key
+        torch.testing.assert_close(value, single["weights"][key], rtol=0, atol=1e-5)
+
+
+def test_rank_guard_stops_every_rank_when_the_inner_module_was_sparsified(
+    ranks: list[dict[str, Any]],
+):
+    results = _scenario(ranks, "guard_inner")
+    for result in results:
+        assert result["stopped_at"] == 2  # at the first update
+        assert result["guard"] is not None
+    message = results[0]["guard"].splitlines()
+    assert message[1].startswith("checksum on rank 0: ")
+    del message[1]  # the checksums
+    assert_expected_inline(
+        "\n".join(message),
+        """\
+The masked weights differ between ranks at the topology update of step 2: the ranks no longer train the same model.
+Usually DistributedDataParallel did not all-reduce the masked weights' gradients, so each rank's weights (and then its masks) drifted: the model was wrapped in DistributedDataParallel before sparsify() was called on the inner module (a Lightning or Accelerate model, say). find_unused_parameters=True does not fix that: it only silences DDP's error, and each rank keeps its own gradients.
+Use one of the orders that work: sparsifier = sparsify(model, optimizer, ...), then model = DistributedDataParallel(model); or pass the wrapper itself: sparsify(ddp_model, optimizer, ...). Every rank must also load the same checkpoint.""",
+    )
+
+
+def test_rank_guard_stops_every_rank_when_their_masks_differ(
+    ranks: list[dict[str, Any]],
+):
+    for result in _scenario(ranks, "guard_reseeded"):
+        assert result["stopped_at"] == 2
+        assert result["guard"] is not None
+        assert result["guard"].startswith(
+            "The masks differ between ranks at the topology update of step 2: "
+            "the ranks no longer train the same model.\n"
+        )
+
+
+def test_checksum_tells_masks_and_weights_apart() -> None:
+    checksum = st._distributed.checksum
+    a = torch.tensor([[True, False], [False, True]])
+    b = torch.tensor([[False, True], [True, False]])  # same count, other places
+    w = torch.tensor([[0.5, 0.0], [0.0, -2.0]])
+    sums = checksum([a, b], [w, w]).tolist()
+    assert sums[0] == 4  # active weights
+    assert sums[3] == 4 * int(w.view(torch.int32).sum())  # bits, (1 + 3) times
+    assert sums != checksum([b, a], [w, w]).tolist()  # other positions
+    assert sums != checksum([a, a], [w, w]).tolist()
+    assert sums != checksum([a, b], [w, w.neg()]).tolist()  # other weights
+    assert sums != checksum([a, b], [w, w.bfloat16()]).tolist()
+    assert sums == checksum([a.clone(), b.clone()], [w.clone(), w.clone()]).tolist()
 
 
 def test_checkpoint_saved_on_rank_0_resumes_every_rank_exactly(
@@ -502,7 +771,7 @@ def test_random_growth_is_identical_across_ranks_seeded_differently(
     assert not torch.equal(r0["masks"][-1]["0.weight"], r0["initial"]["0.weight"])
 
 
-def test_sparsify_a_ddp_wrapped_model_raises_and_changes_nothing(
+def test_sparsify_a_model_holding_a_ddp_inside_raises_and_changes_nothing(
     ranks: list[dict[str, Any]],
 ):
     result = _scenario(ranks, "errors")[0]
@@ -510,9 +779,8 @@ def test_sparsify_a_ddp_wrapped_model_raises_and_changes_nothing(
     assert_expected_inline(
         result["ddp"],
         """\
-Cannot sparsify a model already wrapped in DistributedDataParallel.
-Registering the masks re-creates each weight's gradient accumulator, which DDP hooked when it was built, so DDP would stop all-reducing those gradients.
-Sparsify first, then wrap: sparsifier = sparsify(model, optimizer, ...); model = DistributedDataParallel(model).""",
+Cannot sparsify a model holding a DistributedDataParallel wrapper ('0'): sparsetorch rebuilds the gradient reduction only of the wrapper passed to sparsify itself.
+Pass that wrapper to sparsify(ddp_model, ...), or sparsify before wrapping: sparsifier = sparsify(model, optimizer, ...); model = DistributedDataParallel(model).""",
     )
 
 
@@ -580,9 +848,15 @@ def test_ddp_example_runs_under_torchrun_and_measures_4_bytes_per_update(
     lines = done.stdout.splitlines()
     assert "masks identical on 2 ranks: yes" in lines
     masked = 64 * 32 + 32 * 32 + 32 * 10  # updates at steps 10, 20 (end_step 30)
-    assert (
-        f"sparsetorch all-reduce: {2 * 4 * masked:,} B over 2 updates = "
-        f"{4 * masked:,} B per update = 4.00 B per masked weight per update"
-    ) in lines
+    (line,) = [line for line in lines if line.startswith("sparsetorch all-reduce: ")]
+    total = int(line.split()[2].replace(",", ""))
+    per_update = f"{total // 2:,}"
+    assert line.endswith(
+        f" B over 2 updates = {per_update} B per update = 4.02 B per masked "
+        "weight per update"
+    )
+    # Per update: the dense gradients in fp32, the rank guard's 64 B, and one
+    # byte per masked tensor saying whether it has a gradient, where sent.
+    assert total - 2 * 4 * masked in (2 * 64, 2 * (64 + 3))
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert checkpoint["sparsity"]["step"] == 40
