@@ -120,23 +120,33 @@ def final_state(
 # -- one line --------------------------------------------------------------------------
 
 
+class InitialMasks(pl.Callback):
+    """The masks the run starts from (after a resume: the checkpoint's)."""
+
+    def __init__(self, cb: SparseTraining) -> None:
+        self.cb = cb
+        self.masks: dict[str, Tensor] = {}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        assert self.cb.sparsifier is not None
+        self.masks = {f: m.clone() for f, m in self.cb.sparsifier.masks.items()}
+
+
 def test_one_line_trains_sparse_with_zeros_outside_the_masks():
     module, cb = Tiny(), sparse()
+    initial = InitialMasks(cb)
     dense_keys = list(Tiny().state_dict())
-    t = trainer([cb], max_epochs=2)
+    t = trainer([cb, initial], max_epochs=2)
     t.fit(module, loader())
     sparsifier = cb.sparsifier
     assert sparsifier is not None
-    # 12 steps, end_step = int(0.75 * 12) = 9: updates at steps 4 and 8
-    assert (t.global_step, sparsifier.step_count, sparsifier.update_count) == (
-        12,
-        12,
-        2,
-    )
-    assert sparsifier.schedule.end_step == 9
     assert sparsifier.topology.model is module
-    initial = dict(st.sparsify(Tiny(), policy="static", sparsity=0.75, seed=0).masks)
-    assert any(not torch.equal(initial[f], m) for f, m in sparsifier.masks.items())
+    # 12 steps, end_step = int(0.75 * 12) = 9: updates at steps 4 and 8
+    assert (t.global_step, sparsifier.step_count) == (12, 12)
+    assert (sparsifier.schedule.end_step, sparsifier.update_count) == (9, 2)
+    assert not any(
+        torch.equal(initial.masks[f], m) for f, m in sparsifier.masks.items()
+    )
     optimizer = t.optimizers[0]
     assert optimizer.state  # momentum exists, and is zero outside the masks
     check_invariants(sparsifier, optimizer, model=module, dense_keys=dense_keys)
@@ -524,16 +534,10 @@ def _ddp_main(out: Path) -> None:
 
     def run(tag: str, seed: int, ckpt: Path | None) -> None:
         module, cb = Tiny(seed=seed), sparse()
-        initial: dict[str, Tensor] = {}
-
-        class KeepInitialMasks(pl.Callback):
-            def on_fit_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
-                assert cb.sparsifier is not None
-                initial.update({f: m.clone() for f, m in cb.sparsifier.masks.items()})
-
+        initial = InitialMasks(cb)
         save = ModelCheckpoint(dirpath=out, save_top_k=-1, filename="{epoch}")
         t = trainer(
-            [cb, KeepInitialMasks(), save],
+            [cb, initial, save],
             max_epochs=3,
             devices=2,
             strategy="ddp",
@@ -544,7 +548,7 @@ def _ddp_main(out: Path) -> None:
         state = final_state(t, module, cb)
         state["masks"] = dict(cb.sparsifier.masks)
         torch.save(
-            {"state": state, "initial_masks": initial},
+            {"state": state, "initial_masks": initial.masks},
             out / f"{tag}_rank{t.global_rank}.pt",
         )
 
