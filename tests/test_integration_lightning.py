@@ -252,6 +252,26 @@ def test_bf16_mixed_trains_sparse():
     check_invariants(cb.sparsifier, t.optimizers[0], model=module)
 
 
+def test_manual_optimization_counts_the_optimizer_steps():
+    class Manual(Tiny):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            self.manual_backward(F.cross_entropy(self(batch[0]), batch[1]))
+            optimizer.step()
+
+    module, cb = Manual(), sparse()
+    t = trainer([cb], max_epochs=2)
+    t.fit(module, loader())
+    assert cb.sparsifier is not None
+    assert (cb.sparsifier.step_count, cb.sparsifier.update_count) == (12, 2)
+    check_invariants(cb.sparsifier, t.optimizers[0], model=module)
+
+
 # -- logging ------------------------------------------------------------------------
 
 
