@@ -31,6 +31,19 @@ from sparsetorch.integrations.lightning import SparseTraining
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
+def test_import_sparsetorch_does_not_import_lightning():
+    code = (
+        "import sys, sparsetorch, sparsetorch.integrations; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('lightning', 'pytorch_lightning')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
+
+
 # -- a tiny module and its data ------------------------------------------------------
 
 
