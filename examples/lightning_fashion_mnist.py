@@ -21,7 +21,7 @@ import time
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from fashion_mnist_data import load_fashion_mnist
+from fashion_mnist_data import FashionMNIST, load_fashion_mnist
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
@@ -81,6 +81,29 @@ def batches(x: Tensor, y: Tensor, batch_size: int, shuffle: bool) -> DataLoader:
     return DataLoader(data, sampler=sampler, batch_size=None)
 
 
+def train(
+    data: FashionMNIST, epochs: int, callbacks: list[pl.Callback], name: str, out: str
+) -> tuple[float, float]:
+    """Fit a fresh LeNet-300-100; return its test accuracy and training seconds."""
+    pl.seed_everything(0, verbose=False)  # same initial weights and batch order
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=CSVLogger(out, name=name, version=0),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    model = LeNet300100()
+    start = time.perf_counter()
+    trainer.fit(model, batches(data.train_x, data.train_y, 128, shuffle=True))
+    seconds = time.perf_counter() - start
+    test = batches(data.test_x, data.test_y, 1000, shuffle=False)
+    (metrics,) = trainer.test(model, test, verbose=False)
+    return metrics["test_acc"], seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=10)
@@ -95,41 +118,14 @@ def main() -> None:
     interval = 100
     if args.quick:  # a slice of the data, and updates often enough to happen
         data, args.epochs, interval = data.subset(4096, 1000), 2, 5
-    results = {}
-    for name in ("dense", f"rigl {args.sparsity:.0%}"):
-        pl.seed_everything(0, verbose=False)
-        sparse = (
-            [
-                SparseTraining(
-                    policy="rigl",
-                    sparsity=args.sparsity,
-                    update_interval=interval,
-                    itop=True,
-                )
-            ]
-            if name != "dense"
-            else []
-        )
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            max_epochs=args.epochs,
-            callbacks=sparse,
-            logger=CSVLogger(args.out, name=name.split()[0], version=0),
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        model = LeNet300100()
-        start = time.perf_counter()
-        trainer.fit(model, batches(data.train_x, data.train_y, 128, shuffle=True))
-        seconds = time.perf_counter() - start
-        (tested,) = trainer.test(
-            model, batches(data.test_x, data.test_y, 1000, False), verbose=False
-        )
-        results[name] = (tested["test_acc"], seconds)
-        if sparse:
-            print(sparse[0].sparsifier)
-            print(f"ITOP rate: {sparse[0].itop_rate:.3f}")
+    results = {"dense": train(data, args.epochs, [], "dense", args.out)}
+    sparse = SparseTraining(
+        policy="rigl", sparsity=args.sparsity, update_interval=interval, itop=True
+    )
+    name = f"rigl {args.sparsity:.0%}"
+    results[name] = train(data, args.epochs, [sparse], "rigl", args.out)
+    print(sparse.sparsifier)
+    print(f"ITOP rate: {sparse.itop_rate:.3f}")
     print(f"\n{'run':<10} {'test accuracy':>13} {'train seconds':>13}")
     for name, (accuracy, seconds) in results.items():
         print(f"{name:<10} {accuracy:>13.4f} {seconds:>13.1f}")
