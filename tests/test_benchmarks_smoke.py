@@ -43,3 +43,24 @@ def test_quick_benchmark_prints_a_table_per_workload() -> None:
         assert rows[(w, "float-mask")][5] == "4.00"
         peer = rows[(w, "rigl-torch")]
         assert peer[5] == "1.00" or peer[7].startswith("not run:")
+
+
+def test_cuda_check_runs_on_the_cpu_in_quick_mode() -> None:
+    """``scripts/gpu_check.sh``'s script, so it does not rot between GPU runs."""
+    script = BENCH.parent / "cuda_check.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--device", "cpu", "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[1] == (
+        "amp fp16 + GradScaler on cpu: 6 steps, 3 updates, invariants held after "
+        "every step"
+    )
+    assert lines[2].startswith("sparse execution on cpu: max |output diff| ")
+    assert lines[3] == "workload                   dense ms  sparse ms  ratio"
+    assert [line.split()[0] for line in lines[4:]] == ["MLP", "TransformerEncoderLayer"]

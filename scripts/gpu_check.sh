@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Every check that needs a CUDA device, in one run of a few minutes (run it the
+# first time a GPU is lent; commit its output as docs/results/gpu_check.txt):
+#   1. the tests marked `cuda` (skipped on CPU-only machines),
+#   2. AMP fp16 with GradScaler, sparse execution against mask mode, and the
+#      step-time table against dense (benchmarks/cuda_check.py).
+# The 2:4 (semi-structured) export check joins when N:M masks exist (issue #20).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"  # CUDA torch
+fi
+.venv/bin/python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
+.venv/bin/python -m pytest -q -m cuda -p no:cacheprovider tests
+timeout 420 .venv/bin/python benchmarks/cuda_check.py --device cuda
