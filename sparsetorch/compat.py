@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from sparsetorch import _distributed
+from sparsetorch import _distributed, _rigl_torch
 from sparsetorch._checkpoint import encode_mask
 from sparsetorch.api import _check_optimizer_holds, sparsify
 from sparsetorch.schedule import Schedule
@@ -34,32 +33,6 @@ from sparsetorch.sparsifier import Sparsifier
 from sparsetorch.topology import named_tensors, select_tensors
 
 __all__ = ["RigLScheduler"]
-
-_DISTRIBUTIONS = {"uniform": "uniform", "ERK": "erk", "erk": "erk"}
-
-#: The keys of a rigl-torch ``RigLScheduler.state_dict()``.
-_RIGL_TORCH_KEYS = frozenset(
-    {
-        "dense_allocation",
-        "S",
-        "N",
-        "hyperparams",
-        "step",
-        "rigl_steps",
-        "backward_masks",
-        "_linear_layers_mask",
-    }
-)
-#: rigl-torch's hyperparameter names -> this class's argument names.
-_RIGL_TORCH_HYPERPARAMS = {
-    "delta_T": "delta",
-    "alpha": "alpha",
-    "T_end": "T_end",
-    "ignore_linear_layers": "ignore_linear_layers",
-    "static_topo": "static_topo",
-    "sparsity_distribution": "sparsity_distribution",
-    "grad_accumulation_n": "grad_accumulation_n",
-}
 
 
 class RigLScheduler:
@@ -167,7 +140,7 @@ class RigLScheduler:
                 f"class's or rigl-torch's) or None, got {type(state_dict).__name__}."
             )
         inner, _ = _distributed.unwrap(model)
-        layers = _rigl_torch_layers(inner)
+        layers = _rigl_torch.layers(inner)
         given = {
             "dense_allocation": dense_allocation,
             "T_end": T_end,
@@ -178,11 +151,11 @@ class RigLScheduler:
             "static_topo": static_topo,
             "grad_accumulation_n": grad_accumulation_n,
         }
-        foreign = state_dict is not None and _is_rigl_torch_checkpoint(state_dict)
+        foreign = state_dict is not None and _rigl_torch.is_checkpoint(state_dict)
         masks: dict[str, Tensor] = {}
         if foreign:
             assert state_dict is not None
-            settings, masks, targets = _read_rigl_torch_checkpoint(state_dict, layers)
+            settings, masks, targets = _rigl_torch.read_checkpoint(state_dict, layers)
             changed = sorted(k for k, v in settings.items() if v != given[k])
             if changed:
                 warnings.warn(
@@ -196,7 +169,7 @@ class RigLScheduler:
                     stacklevel=2,
                 )
             given.update(settings)
-        self._settings = _check_arguments(**given)
+        self._settings = _rigl_torch.check_arguments(**given)
         dense = self._settings["dense_allocation"]
         uniform = self._settings["sparsity_distribution"] == "uniform"
         selectable = set(select_tensors(inner))
@@ -321,7 +294,10 @@ class RigLScheduler:
         holds, zero outside their masks); dense layers' weights as they are.
         """
         params = self.sparsifier.topology.params
-        return [params.get(fqn, _weight(module)) for fqn, module, _ in self._layers]
+        return [
+            params.get(fqn, _rigl_torch.weight(module))
+            for fqn, module, _ in self._layers
+        ]
 
     @property
     def N(self) -> list[int]:
@@ -470,13 +446,15 @@ class RigLScheduler:
                 "RigLScheduler.load_state_dict takes a dict from "
                 f"RigLScheduler.state_dict(), got {type(state_dict).__name__}."
             )
-        if not _is_rigl_torch_checkpoint(state_dict):
+        if not _rigl_torch.is_checkpoint(state_dict):
             self.sparsifier.load_state_dict(state_dict)
             return
-        settings, masks, _ = _read_rigl_torch_checkpoint(state_dict, self._layers)
+        settings, masks, _ = _rigl_torch.read_checkpoint(state_dict, self._layers)
         mismatched = sorted(
             k
-            for k, v in _check_arguments(**{**self._settings, **settings}).items()
+            for k, v in _rigl_torch.check_arguments(
+                **{**self._settings, **settings}
+            ).items()
             if v != self._settings[k]
         )
         if mismatched or set(masks) != set(self.masks):
@@ -496,8 +474,8 @@ class RigLScheduler:
                 "optimizer, ..., state_dict=checkpoint) adopts its settings."
             )
         ours = self.sparsifier.state_dict()
-        ours["step"] = _count(state_dict, "step")
-        ours["updates"] = _count(state_dict, "rigl_steps")
+        ours["step"] = _rigl_torch.count(state_dict, "step")
+        ours["updates"] = _rigl_torch.count(state_dict, "rigl_steps")
         ours["masks"] = {fqn: encode_mask(mask) for fqn, mask in masks.items()}
         self.sparsifier.load_state_dict(ours)
 
@@ -537,246 +515,6 @@ class _FloatEndSchedule(Schedule):
     def drop_fraction_at(self, step: int) -> float:
         step = min(max(step, 0), self.t_end)  # type: ignore[assignment]
         return self.drop_fraction / 2 * (1 + math.cos((step * math.pi) / self.t_end))
-
-
-def _rigl_torch_layers(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
-    """``(tensor_fqn, module, is_linear)`` of each layer rigl-torch lists in ``W``.
-
-    rigl-torch walks the modules in order, starting with the model itself: an
-    ``nn.Linear``, or any module with a ``weight`` other than
-    ``nn.BatchNorm2d``, is a layer (and is not looked inside); any other module
-    is looked inside. Modules whose ``weight`` is not a tensor are skipped
-    (rigl-torch fails on them).
-    """
-    layers: list[tuple[str, nn.Module, bool]] = []
-
-    def visit(name: str, module: nn.Module) -> None:
-        is_linear = isinstance(module, nn.Linear)
-        if is_linear or (
-            hasattr(module, "weight") and type(module) is not nn.BatchNorm2d
-        ):
-            if isinstance(getattr(module, "weight", None), Tensor):
-                layers.append(
-                    (f"{name}.weight" if name else "weight", module, is_linear)
-                )
-            return
-        for child_name, child in module.named_children():
-            visit(f"{name}.{child_name}" if name else child_name, child)
-
-    visit("", model)
-    return layers
-
-
-def _weight(module: nn.Module) -> Tensor:
-    weight = module.weight
-    assert isinstance(weight, Tensor)  # _rigl_torch_layers lists only these
-    return weight
-
-
-def _is_rigl_torch_checkpoint(state_dict: Mapping[str, Any]) -> bool:
-    return "format_version" not in state_dict and "backward_masks" in state_dict
-
-
-def _read_rigl_torch_checkpoint(
-    state_dict: Mapping[str, Any], layers: Sequence[tuple[str, nn.Module, bool]]
-) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, float]]:
-    """The settings, masks and sparsities of a rigl-torch ``state_dict()``.
-
-    Returns:
-        ``(settings, masks, sparsities)``: the constructor arguments it was
-        made with, and ``tensor_fqn -> bool mask`` and ``tensor_fqn -> S`` of
-        its sparse layers.
-
-    Raises:
-        ValueError: a key is missing, or it was made for another model.
-        TypeError: a value has the wrong type.
-    """
-    missing = sorted(_RIGL_TORCH_KEYS - set(state_dict))
-    if missing:
-        raise ValueError(
-            f"The rigl-torch checkpoint lacks the keys {missing}: it is truncated "
-            "or not made by rigl-torch's RigLScheduler.state_dict()."
-        )
-    hyperparams = state_dict["hyperparams"]
-    if not isinstance(hyperparams, Mapping):
-        raise TypeError(
-            "The rigl-torch checkpoint's 'hyperparams' must be a dict, got "
-            f"{type(hyperparams).__name__}."
-        )
-    absent = sorted(set(_RIGL_TORCH_HYPERPARAMS) - set(hyperparams))
-    if absent:
-        raise ValueError(f"The rigl-torch checkpoint's 'hyperparams' lacks {absent}.")
-    settings = {
-        ours: hyperparams[theirs] for theirs, ours in _RIGL_TORCH_HYPERPARAMS.items()
-    }
-    settings["dense_allocation"] = state_dict["dense_allocation"]
-    numels = [_weight(module).numel() for _, module, _ in layers]
-    stored = state_dict["N"]
-    if not isinstance(stored, Sequence) or list(stored) != numels:
-        raise ValueError(
-            "The rigl-torch checkpoint is from another model: its layers' sizes "
-            f"N are {stored!r}, this model's are {numels} (layers "
-            f"{[fqn for fqn, _, _ in layers]})."
-        )
-    backward_masks = state_dict["backward_masks"]
-    if not isinstance(backward_masks, Sequence) or len(backward_masks) != len(layers):
-        raise ValueError(
-            "The rigl-torch checkpoint's 'backward_masks' must be a list with one "
-            f"entry per layer ({len(layers)}), got {backward_masks!r:.200}."
-        )
-    targets = state_dict["S"]
-    if not isinstance(targets, Sequence) or len(targets) != len(layers):
-        raise ValueError(
-            "The rigl-torch checkpoint's 'S' must be a list with one sparsity per "
-            f"layer ({len(layers)}), got {targets!r:.200}."
-        )
-    masks, sparsities = {}, {}
-    for (fqn, module, _), mask, target in zip(
-        layers, backward_masks, targets, strict=True
-    ):
-        if mask is None:
-            continue
-        if not isinstance(mask, Tensor):
-            raise TypeError(
-                f"The rigl-torch checkpoint's mask of {fqn!r} must be a tensor or "
-                f"None, got {type(mask).__name__}."
-            )
-        shape = tuple(_weight(module).shape)
-        if tuple(mask.shape) != shape:
-            raise ValueError(
-                f"The rigl-torch checkpoint's mask of {fqn!r} has shape "
-                f"{tuple(mask.shape)}, the weight {shape}."
-            )
-        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(
-                f"The rigl-torch checkpoint's mask of {fqn!r} holds values other "
-                "than 0 and 1."
-            )
-        mask = mask.detach().to("cpu", torch.bool)
-        sparsity = _as_real(f"The rigl-torch checkpoint's S of {fqn!r}", target)
-        numel = mask.numel()
-        keep = numel - int(sparsity * numel)  # rigl-torch's count
-        if int(mask.sum()) != keep:
-            raise ValueError(
-                f"The rigl-torch checkpoint's mask of {fqn!r} has {int(mask.sum())} "
-                f"active weights, but its S={sparsity!r} keeps {numel} - "
-                f"int({sparsity!r} * {numel}) = {keep}: it is corrupted."
-            )
-        masks[fqn], sparsities[fqn] = mask, sparsity
-    _count(state_dict, "step")
-    _count(state_dict, "rigl_steps")
-    return settings, masks, sparsities
-
-
-def _count(state_dict: Mapping[str, Any], key: str) -> int:
-    value = state_dict[key]
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(
-            f"The rigl-torch checkpoint's {key!r} must be an int >= 0, got {value!r}."
-        )
-    return int(value)
-
-
-def _as_flag(name: str, value: object) -> bool:
-    """``True``/``False``, ``1``/``0`` (an argparse int) or a numpy bool."""
-    if isinstance(value, (bool, numbers.Integral)) and value in (0, 1):
-        return bool(value)
-    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
-        return bool(value)
-    raise TypeError(f"{name} must be True or False (or 1 or 0), got {value!r}.")
-
-
-def _as_real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float, got {value!r}.")
-    return float(value)
-
-
-def _as_int(name: str, value: object) -> int:
-    """An int, or a float or numpy number holding one (``100.0``)."""
-    if not isinstance(value, bool) and isinstance(value, numbers.Integral):
-        return int(value)
-    if (
-        not isinstance(value, bool)
-        and isinstance(value, numbers.Real)
-        and float(value).is_integer()
-    ):
-        return int(float(value))
-    raise TypeError(f"{name} must be an int, got {value!r}.")
-
-
-def _check_arguments(
-    *,
-    dense_allocation: object,
-    T_end: object,
-    sparsity_distribution: object,
-    ignore_linear_layers: object,
-    delta: object,
-    alpha: object,
-    static_topo: object,
-    grad_accumulation_n: object,
-) -> dict[str, Any]:
-    """Check every ``RigLScheduler`` setting; return them as Python values."""
-    flags = {
-        "ignore_linear_layers": _as_flag("ignore_linear_layers", ignore_linear_layers),
-        "static_topo": _as_flag("static_topo", static_topo),
-    }
-    dense = _as_real("dense_allocation", dense_allocation)
-    if not 0 < dense <= 1:
-        raise ValueError(
-            f"dense_allocation must be in (0, 1], got {dense_allocation!r}.\n"
-            "It is the fraction of weights kept: 0.1 means 90% sparsity."
-        )
-    if not isinstance(sparsity_distribution, str):
-        raise TypeError(
-            "sparsity_distribution must be a name, got "
-            f"{sparsity_distribution!r}.\nKnown: {sorted(_DISTRIBUTIONS)}."
-        )
-    if sparsity_distribution not in _DISTRIBUTIONS:
-        raise ValueError(
-            f"Unknown sparsity_distribution {sparsity_distribution!r}.\n"
-            f"Known: {sorted(_DISTRIBUTIONS)}."
-        )
-    interval = _as_int("delta", delta)
-    accumulate = _as_int("grad_accumulation_n", grad_accumulation_n)
-    if interval < 1:
-        raise ValueError(f"delta must be an int >= 1, got {delta!r}.")
-    if not 1 <= accumulate < interval:
-        raise ValueError(
-            "grad_accumulation_n must be an int in [1, delta), got "
-            f"{grad_accumulation_n!r} (delta={delta!r})."
-        )
-    end: float | None = None
-    if T_end is None and not flags["static_topo"]:
-        raise ValueError(
-            "RigLScheduler needs T_end, the step at which topology updates "
-            "stop (rigl-torch crashes without it).\nA common choice: "
-            "T_end = int(0.75 * epochs * len(loader))."
-        )
-    if T_end is not None:
-        end = _as_real("T_end", T_end)
-        if not math.isfinite(end) or end <= 0:
-            raise ValueError(
-                f"T_end must be > 0, got {T_end!r}: it is the step at which "
-                "topology updates stop."
-            )
-        if end.is_integer():
-            end = int(end)
-    fraction = _as_real("alpha", alpha)
-    if not 0 <= fraction <= 1:
-        raise ValueError(
-            f"alpha must be in [0, 1], got {alpha!r}: it is the fraction of "
-            "active weights the first update drops."
-        )
-    return {
-        "dense_allocation": dense,
-        "T_end": end,
-        "sparsity_distribution": sparsity_distribution,
-        "delta": interval,
-        "alpha": fraction,
-        "grad_accumulation_n": accumulate,
-        **flags,
-    }
 
 
 def glob_escape(name: str) -> str:
