@@ -213,30 +213,45 @@ The model re-ties them by assignment (tie_weights(), resize_token_embeddings()),
     assert not any(hasattr(m, "parametrizations") for m in model.modules())
 
 
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One uninterrupted run, checkpoints at 4, 8 and 12 (copy before resuming)."""
+    out = tmp_path_factory.mktemp("finished")
+    model, trainer, callback = fit(out)
+    check_masked(model, trainer, callback.sparsifier)
+    return {
+        "out": out,
+        "model": model,
+        "sparsifier": callback.sparsifier,
+        "snapshot": snapshot(model, trainer, callback),
+    }
+
+
+def resumable(finished: dict[str, Any], tmp_path: Path) -> Path:
+    shutil.copytree(finished["out"], tmp_path / "run")
+    return tmp_path / "run"
+
+
 def test_save_pretrained_loads_into_the_plain_model_with_the_same_logits(
-    tmp_path: Path,
+    finished: dict[str, Any], tmp_path: Path
 ):
-    model, _, callback = fit(tmp_path / "run", save_strategy="no")
+    model, sparsifier = finished["model"], finished["sparsifier"]
     model.save_pretrained(tmp_path / "sparse")
     plain = GPT2LMHeadModel.from_pretrained(tmp_path / "sparse")
     assert not any(hasattr(m, "parametrizations") for m in plain.modules())
     model.eval()
     ids = torch.randint(0, 100, (2, 16))
     assert torch.equal(plain(ids).logits, model(ids).logits)
-    sparsifier = callback.sparsifier
-    assert sparsifier is not None
     for fqn, mask in sparsifier.masks.items():
         assert int(plain.get_parameter(fqn)[~mask].count_nonzero()) == 0
 
 
 def test_from_pretrained_then_sparsify_then_load_state_keeps_every_weight(
-    tmp_path: Path,
+    finished: dict[str, Any], tmp_path: Path
 ):
-    model, _, callback = fit(tmp_path / "run", save_strategy="no")
-    assert callback.sparsifier is not None
+    model, trained = finished["model"], finished["snapshot"]
     model.save_pretrained(tmp_path / "sparse")
-    torch.save(callback.sparsifier.state_dict(), tmp_path / "sparsifier.pt")
-    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save(finished["sparsifier"].state_dict(), tmp_path / "sparsifier.pt")
 
     loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "sparse")
     sparsifier = st.sparsify(
@@ -245,44 +260,44 @@ def test_from_pretrained_then_sparsify_then_load_state_keeps_every_weight(
     sparsifier.load_state_dict(
         torch.load(tmp_path / "sparsifier.pt", weights_only=True)
     )
-    assert_identical(dict(loaded.state_dict()), trained)
-    assert_identical(dict(sparsifier.masks), dict(callback.sparsifier.masks))
+    assert_identical(dict(loaded.state_dict()), trained["weights"])
+    assert_identical(dict(sparsifier.masks), trained["masks"])
 
 
 # -- the Trainer callback ---------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        {},
-        {"gradient_accumulation_steps": 2, "max_grad_norm": 0.05, "bf16": True},
-    ],
-    ids=["plain", "accumulate-clip-bf16"],
-)
-def test_resume_from_checkpoint_is_bit_exact(tmp_path: Path, args: dict[str, Any]):
-    run = fit(tmp_path, **args)  # saves checkpoints 4, 8 and 12
-    uninterrupted = snapshot(*run)
+def test_resume_from_checkpoint_is_bit_exact(finished: dict[str, Any], tmp_path: Path):
+    uninterrupted = finished["snapshot"]
     assert uninterrupted["steps"] == (STEPS, 4)
-    assert (tmp_path / "checkpoint-8" / SPARSIFIER_NAME).is_file()
-    check_masked(run[0], run[1], run[2].sparsifier)
-
-    resumed_run = fit(tmp_path, resume=str(tmp_path / "checkpoint-8"), **args)
-    resumed = snapshot(*resumed_run)
-    assert_identical(resumed, uninterrupted)
-    check_masked(resumed_run[0], resumed_run[1], resumed_run[2].sparsifier)
+    assert (finished["out"] / "checkpoint-8" / SPARSIFIER_NAME).is_file()
+    out = resumable(finished, tmp_path)
+    model, trainer, callback = fit(out, resume=str(out / "checkpoint-8"))
+    assert_identical(snapshot(model, trainer, callback), uninterrupted)
+    check_masked(model, trainer, callback.sparsifier)
 
 
-def test_resume_true_finds_the_last_checkpoint(tmp_path: Path):
-    uninterrupted = snapshot(*fit(tmp_path))
-    shutil.rmtree(tmp_path / "checkpoint-12")
-    assert_identical(snapshot(*fit(tmp_path, resume=True)), uninterrupted)
+def test_resume_with_accumulation_clipping_and_bf16_is_bit_exact(tmp_path: Path):
+    args = {"gradient_accumulation_steps": 2, "max_grad_norm": 0.05, "bf16": True}
+    uninterrupted = snapshot(*fit(tmp_path, **args))
+    assert uninterrupted["steps"] == (STEPS, 4)
+    model, trainer, callback = fit(
+        tmp_path, resume=str(tmp_path / "checkpoint-8"), **args
+    )
+    assert_identical(snapshot(model, trainer, callback), uninterrupted)
+    check_masked(model, trainer, callback.sparsifier)
 
 
-def test_run_length_comes_from_the_trainer(tmp_path: Path):
-    _, _, callback = fit(tmp_path, save_strategy="no")
-    assert callback.sparsifier is not None
-    assert callback.sparsifier.schedule.end_step == int(0.75 * STEPS)
+def test_resume_true_finds_the_last_checkpoint(
+    finished: dict[str, Any], tmp_path: Path
+):
+    out = resumable(finished, tmp_path)
+    shutil.rmtree(out / "checkpoint-12")
+    assert_identical(snapshot(*fit(out, resume=True)), finished["snapshot"])
+
+
+def test_run_length_comes_from_the_trainer(finished: dict[str, Any]):
+    assert finished["sparsifier"].schedule.end_step == int(0.75 * STEPS)
 
 
 def test_load_best_model_at_end_restores_the_best_checkpoints_masks(tmp_path: Path):
@@ -311,29 +326,27 @@ def test_load_best_model_at_end_restores_the_best_checkpoints_masks(tmp_path: Pa
     check_masked(model, trainer, sparsifier)
 
 
-def test_resume_with_another_runs_sparsifier_state_raises(tmp_path: Path):
-    fit(tmp_path / "a")
-    fit(tmp_path / "b", seed=1)  # other weights, same masks (same mask seed)
+def test_resume_with_another_runs_sparsifier_state_raises(
+    finished: dict[str, Any], tmp_path: Path
+):
+    fit(tmp_path, seed=1)  # other weights, same masks (same mask seed)
     shutil.copy(
-        tmp_path / "a" / "checkpoint-8" / SPARSIFIER_NAME,
-        tmp_path / "b" / "checkpoint-8" / SPARSIFIER_NAME,
+        finished["out"] / "checkpoint-8" / SPARSIFIER_NAME,
+        tmp_path / "checkpoint-8" / SPARSIFIER_NAME,
     )
     callback = SparseTrainingCallback(sparsity=0.9, update_interval=2)
     with pytest.raises(RuntimeError, match="saved with other weights") as error:
-        fit(
-            tmp_path / "b",
-            resume=str(tmp_path / "b" / "checkpoint-8"),
-            callback=callback,
-        )
+        fit(tmp_path, resume=str(tmp_path / "checkpoint-8"), callback=callback)
     assert "resume_from_checkpoint=True" in str(error.value)
     assert callback.sparsifier is not None
     assert callback.sparsifier.step_count == 0  # nothing was loaded
 
 
-def test_resume_from_a_folder_outside_output_dir_raises(tmp_path: Path):
-    fit(tmp_path / "a")
+def test_resume_from_a_folder_outside_output_dir_raises(
+    finished: dict[str, Any], tmp_path: Path
+):
     with pytest.raises(RuntimeError) as error:
-        fit(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-8"))
+        fit(tmp_path / "b", resume=str(finished["out"] / "checkpoint-8"))
     message = str(error.value).replace(str(tmp_path), "TMP")
     assert_expected_inline(
         message,

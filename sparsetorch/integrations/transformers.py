@@ -57,6 +57,9 @@ __all__ = ["SPARSIFIER_NAME", "SparseTrainingCallback"]
 #: The sparsifier state's file in each ``checkpoint-N`` folder.
 SPARSIFIER_NAME = "sparsifier.pt"
 
+#: A run length for ``sparsify`` until the Trainer's ``max_steps`` is known.
+_UNTIL_TRAIN_BEGIN = 10**12
+
 
 class SparseTrainingCallback(TrainerCallback):
     r"""Train the Hugging Face ``Trainer``'s model sparse, checkpoints included.
@@ -254,13 +257,18 @@ class SparseTrainingCallback(TrainerCallback):
     # -- helpers ------------------------------------------------------------------
 
     def _sparsify(self, model: nn.Module) -> Sparsifier:
+        total_steps = self.total_steps
+        if total_steps is None and self.end_step is None:
+            # The Trainer knows the run length only inside train():
+            # on_train_begin sets it, before the first step.
+            total_steps = _UNTIL_TRAIN_BEGIN
         return sparsify(
             model,
             None,
             policy=self.policy,
             sparsity=self.sparsity,
             distribution=self.distribution,
-            total_steps=self.total_steps,
+            total_steps=total_steps,
             update_interval=self.update_interval,
             drop_fraction=self.drop_fraction,
             drop_schedule=self.drop_schedule,
