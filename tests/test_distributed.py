@@ -448,6 +448,19 @@ def _guard_one_rank_reseeds(rank: int, out: str) -> dict[str, Any]:
     return result
 
 
+def _ignored_weight_stays_ignored(rank: int, out: str) -> dict[str, Any]:
+    """A weight DDP was told to ignore is still ignored under its new name."""
+    torch.manual_seed(0)
+    model = small_mlp()
+    DDP._set_params_and_buffers_to_ignore_for_model(model, ["2.weight"])
+    ddp = DDP(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    st.sparsify(ddp, optimizer, policy="static", sparsity=0.5)
+    for step in (1, 2):
+        train_step(ddp, optimizer, *_local_batch(step, rank))
+    return {"weights": _weights(model), "ignored": sorted(ddp.parameters_to_ignore)}
+
+
 SCENARIOS: dict[str, Callable[[int, str], dict[str, Any]]] = {
     "ddp": lambda rank, out: _ddp_training(rank, out, "none"),
     "ddp_wrapped_first": lambda rank, out: _ddp_training(
@@ -462,6 +475,7 @@ SCENARIOS: dict[str, Callable[[int, str], dict[str, Any]]] = {
     "ddp_wrapped_first_no_sync": lambda rank, out: _ddp_training(
         rank, out, "no_sync", wrap_first=True
     ),
+    "ddp_wrapped_first_ignored": _ignored_weight_stays_ignored,
     "rigl_scheduler_ddp": _rigl_scheduler_on_ddp,
     "guard_inner": _guard_inner_module_sparsified,
     "guard_reseeded": _guard_one_rank_reseeds,
@@ -678,6 +692,22 @@ def test_ddp_wrapped_before_sparsify_all_reduces_masked_gradients(
     for result in _scenario(ranks, scenario):
         assert result["grad_nonzeros_outside_masks"] == [0] * (2 * STEPS)
         assert min(result["grad_nonzeros_inside_masks"]) > 0
+
+
+def test_a_weight_ddp_ignores_stays_ignored_after_sparsifying_the_wrapper(
+    ranks: list[dict[str, Any]],
+):
+    r0, r1 = _scenario(ranks, "ddp_wrapped_first_ignored")
+    assert r0["ignored"] == [
+        "0.parametrizations.weight.0.mask",
+        "2.parametrizations.weight.0.mask",
+        "2.parametrizations.weight.original",
+        "2.weight",
+    ]
+    # Each rank trains its own 2.weight on its own data; the rest is all-reduced.
+    assert not torch.equal(r0["weights"]["2.weight"], r1["weights"]["2.weight"])
+    for key in ("0.weight", "0.bias", "2.bias"):
+        assert torch.equal(r0["weights"][key], r1["weights"][key]), key
 
 
 def test_rigl_scheduler_on_a_ddp_wrapped_model_keeps_ranks_identical(
