@@ -442,6 +442,11 @@ Pass SparseTraining(total_steps=...) or SparseTraining(end_step=...), or Trainer
     t = trainer([cb], max_steps=8)
     t.fit(module, DataLoader(Stream(), batch_size=2))
     assert cb.sparsifier is not None and cb.sparsifier.schedule.end_step == 6
+    # and so it does with end_step
+    module, cb = Tiny(), sparse(update_interval=1, end_step=2)
+    trainer([cb], max_epochs=1).fit(module, DataLoader(Stream(), batch_size=2))
+    assert cb.sparsifier is not None
+    assert (cb.sparsifier.step_count, cb.sparsifier.update_count) == (2, 1)
 
 
 def test_layers_built_in_configure_model_are_refused():
