@@ -528,6 +528,7 @@ Call sparsifier.remove() first, or keep using the existing sparsifier.""",
 
 
 def test_ddp_ranks_agree_and_resume_is_bit_exact(tmp_path: Path):
+    """strategy="ddp", 2 CPU ranks on gloo; also the placement without the callback."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -564,10 +565,15 @@ def test_ddp_ranks_agree_and_resume_is_bit_exact(tmp_path: Path):
     fresh = runs["uninterrupted", 0]["initial_masks"]
     for masks in (runs["resumed", 0]["initial_masks"], full["masks"]):
         assert not any(torch.equal(fresh[f], masks[f]) for f in fresh)
+    # sparsify(self.trainer.strategy.model) in configure_optimizers trains the same
+    for rank in (0, 1):
+        wrapper = torch.load(tmp_path / f"wrapper_rank{rank}.pt", weights_only=True)
+        assert_same(wrapper, {"model": full["model"], "masks": full["masks"]})
 
 
 def _ddp_main(out: Path) -> None:
-    """Both ranks: an uninterrupted run, and a run resumed from its epoch-0 checkpoint."""
+    """Both ranks: an uninterrupted run, a run resumed from its epoch-0 checkpoint,
+    and the run that sparsifies the DDP wrapper in configure_optimizers."""
     torch.set_num_threads(1)
 
     def run(tag: str, seed: int, ckpt: Path | None) -> None:
@@ -592,6 +598,26 @@ def _ddp_main(out: Path) -> None:
 
     run("uninterrupted", 0, None)
     run("resumed", 1, out / "epoch=0.ckpt")
+
+    # without the callback: sparsify the DDP wrapper inside configure_optimizers
+    class SparsifyTheWrapper(Tiny):
+        def configure_optimizers(self) -> Any:
+            config = super().configure_optimizers()
+            self.sparsifier = st.sparsify(
+                self.trainer.strategy.model,
+                config[0][0],
+                sparsity=0.75,
+                total_steps=18,
+                update_interval=4,
+                drop_schedule="constant",
+            )
+            return config
+
+    module = SparsifyTheWrapper()
+    t = trainer([], max_epochs=3, devices=2, strategy="ddp")
+    t.fit(module, loader(96))
+    state = {"model": module.state_dict(), "masks": dict(module.sparsifier.masks)}
+    torch.save(state, out / f"wrapper_rank{t.global_rank}.pt")
 
 
 # -- the example, on the real data ------------------------------------------------
