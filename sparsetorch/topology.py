@@ -189,12 +189,12 @@ def select_tensors(
             selected.remove(fqn)
         seen.add(id(tensors[fqn]))
     if not selected:
+        dense = f" ({sorted(tied)} stay dense: tied to an embedding)" if tied else ""
         raise ValueError(
             "Nothing to sparsify: no tensor is selected.\n"
             f"tensors: {sorted(tensors)}\n"
-            "By default the weights of nn.Linear and nn.Conv* layers are selected "
-            "(an output layer tied to an input embedding stays dense); pass "
-            'include=["..."] to choose tensors by name.'
+            "By default the weights of nn.Linear and nn.Conv* layers are selected"
+            f'{dense}; pass include=["..."] to choose tensors by name.'
         )
     return selected
 
