@@ -26,6 +26,7 @@ from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 
@@ -381,6 +382,19 @@ def test_sparsify_with_the_accelerated_optimizer_leaves_the_model_unchanged_on_e
 # -- DDP: 2 processes on gloo -------------------------------------------------------
 
 
+class SparsifyInOnTrainBegin(TrainerCallback):
+    """The issue's wrong placement: a user's own callback, after DDP wrapped."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        st.sparsify(
+            kwargs["model"],  # the inner module: DDP's hooks are lost
+            kwargs["optimizer"].optimizer,
+            sparsity=0.9,
+            update_interval=2,
+            total_steps=STEPS,
+        )
+
+
 def _ddp_worker(rank: int, port: int, out: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -399,10 +413,30 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
             out, seed=rank, resume=os.path.join(out, "checkpoint-8"), ddp_backend="gloo"
         )
     )
+    arguments = TrainingArguments(
+        os.path.join(out, "own"),
+        max_steps=STEPS,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        ddp_backend="gloo",
+    )
+    own = Trainer(
+        gpt2(rank),
+        arguments,
+        train_dataset=Tokens(),
+        callbacks=[SparsifyInOnTrainBegin()],
+    )
+    try:
+        own.train()
+        stopped = "trained to the end"
+    except RuntimeError as error:
+        stopped = str(error)
     torch.save(
         {
             "uninterrupted": uninterrupted,
             "resumed": resumed,
+            "own_callback": stopped,
             "world": int(torch.distributed.get_world_size()),
         },
         os.path.join(out, f"rank{rank}.pt"),
@@ -410,17 +444,32 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_ranks_identical_and_resume_bit_exact(tmp_path: Path):
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("ddp")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    assert [r["world"] for r in ranks] == [2, 2]
-    assert ranks[0]["uninterrupted"]["steps"] == (STEPS, 4)
-    assert_identical(ranks[0]["uninterrupted"], ranks[1]["uninterrupted"])
-    assert_identical(ranks[0]["resumed"], ranks[1]["resumed"])
-    assert_identical(ranks[0]["resumed"], ranks[0]["uninterrupted"])
+    mp.spawn(_ddp_worker, args=(port, str(out)), nprocs=2, join=True)
+    found = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [r["world"] for r in found] == [2, 2]
+    return found
+
+
+def test_ddp_ranks_identical_and_resume_bit_exact(ranks: list[dict[str, Any]]):
+    first, second = ranks
+    assert first["uninterrupted"]["steps"] == (STEPS, 4)
+    assert_identical(first["uninterrupted"], second["uninterrupted"])
+    assert_identical(first["resumed"], second["resumed"])
+    assert_identical(first["resumed"], first["uninterrupted"])
+
+
+def test_ddp_sparsify_in_a_users_on_train_begin_stops_with_a_clear_error(
+    ranks: list[dict[str, Any]],
+):
+    """Not silently different ranks: sparsetorch's guard stops the run."""
+    for rank in ranks:
+        assert "find_unused_parameters" in rank["own_callback"], rank["own_callback"]
 
 
 # -- the example ---------------------------------------------------------------------
