@@ -301,6 +301,17 @@ def test_run_length_comes_from_the_trainer(finished: dict[str, Any]):
     assert finished["sparsifier"].schedule.end_step == int(0.75 * STEPS)
 
 
+def test_resume_for_more_steps_keeps_the_checkpoints_run_length(
+    finished: dict[str, Any], tmp_path: Path
+):
+    out = resumable(finished, tmp_path)
+    _, _, callback = fit(out, resume=str(out / "checkpoint-8"), max_steps=16)
+    sparsifier = callback.sparsifier
+    assert sparsifier is not None
+    assert sparsifier.schedule.end_step == int(0.75 * STEPS)  # not of 16
+    assert (sparsifier.step_count, sparsifier.update_count) == (16, 4)
+
+
 def test_load_best_model_at_end_restores_the_best_checkpoints_masks(tmp_path: Path):
     model, trainer, callback = fit(
         tmp_path,

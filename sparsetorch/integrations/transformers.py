@@ -160,6 +160,7 @@ class SparseTrainingCallback(TrainerCallback):
         self.seed = seed
         self.execution = execution
         self._sparsifier: Sparsifier | None = None
+        self._run_steps: int | None = total_steps  # the schedule's total_steps
 
     @property
     def sparsifier(self) -> Sparsifier | None:
@@ -203,6 +204,9 @@ class SparseTrainingCallback(TrainerCallback):
                     "without model_init."
                 )
             sparsifier = self._sparsifier = self._sparsify(model)
+        saved = None
+        if state.global_step > 0:  # resumed: the Trainer restored trainer_state
+            saved = _read(_checkpoint_folder(args, state), sparsifier, resumed=True)
         optimizer = kwargs["optimizer"]
         # Accelerate's AcceleratedOptimizer subclasses torch.optim.Optimizer
         # without its hooks: attach the torch optimizer inside.
@@ -210,10 +214,13 @@ class SparseTrainingCallback(TrainerCallback):
             optimizer = optimizer.optimizer
         sparsifier.attach_optimizer(optimizer)
         if self.total_steps is None and self.end_step is None:
-            sparsifier.set_total_steps(state.max_steps)
-        if state.global_step > 0:  # resumed: the Trainer restored trainer_state
-            folder = _checkpoint_folder(args, state)
-            self._load(folder, sparsifier, resumed=True)
+            # On resume, the checkpoint's run length: training for more steps
+            # after a resume does not stretch the schedule already under way.
+            run = saved["total_steps"] if saved is not None else None
+            self._run_steps = run if run is not None else state.max_steps
+            sparsifier.set_total_steps(self._run_steps)
+        if saved is not None:
+            sparsifier.load_state_dict(saved["sparsifier"])
 
     def on_save(
         self,
@@ -238,6 +245,7 @@ class SparseTrainingCallback(TrainerCallback):
             {
                 "sparsifier": sparsifier.state_dict(),
                 "checksums": _checksums(sparsifier, masked=True),
+                "total_steps": self._run_steps,
             },
             os.path.join(folder, SPARSIFIER_NAME),
         )
@@ -252,7 +260,8 @@ class SparseTrainingCallback(TrainerCallback):
         """With ``load_best_model_at_end``, restore the best checkpoint's masks."""
         best = state.best_model_checkpoint
         if self._sparsifier is not None and args.load_best_model_at_end and best:
-            self._load(best, self._sparsifier, resumed=False)
+            saved = _read(best, self._sparsifier, resumed=False)
+            self._sparsifier.load_state_dict(saved["sparsifier"])
 
     # -- helpers ------------------------------------------------------------------
 
@@ -281,42 +290,43 @@ class SparseTrainingCallback(TrainerCallback):
             execution=self.execution,
         )
 
-    def _load(self, folder: str, sparsifier: Sparsifier, *, resumed: bool) -> None:
-        """Load ``folder``'s sparsifier state, after checking it fits the weights.
 
-        The Trainer has just loaded ``folder``'s weights; they are not masked
-        before the next forward, so they are compared as loaded.
-        """
-        path = os.path.join(folder, SPARSIFIER_NAME)
-        if not os.path.isfile(path):
-            how = (
-                "The Trainer resumed at this step; the callback reads the "
-                "sparsifier state from output_dir/checkpoint-<global_step>, where "
-                "the Trainer saves it. Resume with resume_from_checkpoint=True or "
-                "a checkpoint folder of output_dir (copy it there), saved by a "
-                "run with this callback."
-                if resumed
-                else "Its weights were saved by a run without this callback."
-            )
-            raise RuntimeError(
-                f"SparseTrainingCallback found no sparsifier state {path}.\n{how}"
-            )
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        checksums = _checksums(sparsifier, masked=False)
-        if saved["checksums"] != checksums:
-            differ = sorted(
-                fqn
-                for fqn, value in checksums.items()
-                if saved["checksums"].get(fqn) != value
-            )
-            raise RuntimeError(
-                f"The sparsifier state {path} was saved with other weights than "
-                f"those the Trainer loaded (they differ in {differ}), so its "
-                "masks would cut trained weights.\nResume from the checkpoint "
-                "folder in args.output_dir that this run saved: "
-                "resume_from_checkpoint=True."
-            )
-        sparsifier.load_state_dict(saved["sparsifier"])
+def _read(folder: str, sparsifier: Sparsifier, *, resumed: bool) -> dict[str, Any]:
+    """``folder``'s saved sparsifier state, after checking it fits the weights.
+
+    The Trainer has just loaded ``folder``'s weights; they are not masked
+    before the next forward, so they are compared as loaded. Nothing changes.
+    """
+    path = os.path.join(folder, SPARSIFIER_NAME)
+    if not os.path.isfile(path):
+        how = (
+            "The Trainer resumed at this step; the callback reads the "
+            "sparsifier state from output_dir/checkpoint-<global_step>, where "
+            "the Trainer saves it. Resume with resume_from_checkpoint=True or "
+            "a checkpoint folder of output_dir (copy it there), saved by a "
+            "run with this callback."
+            if resumed
+            else "Its weights were saved by a run without this callback."
+        )
+        raise RuntimeError(
+            f"SparseTrainingCallback found no sparsifier state {path}.\n{how}"
+        )
+    saved: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    checksums = _checksums(sparsifier, masked=False)
+    if saved["checksums"] != checksums:
+        differ = sorted(
+            fqn
+            for fqn, value in checksums.items()
+            if saved["checksums"].get(fqn) != value
+        )
+        raise RuntimeError(
+            f"The sparsifier state {path} was saved with other weights than "
+            f"those the Trainer loaded (they differ in {differ}), so its "
+            "masks would cut trained weights.\nResume from the checkpoint "
+            "folder in args.output_dir that this run saved: "
+            "resume_from_checkpoint=True."
+        )
+    return saved
 
 
 def _checkpoint_folder(args: TrainingArguments, state: TrainerState) -> str:
