@@ -81,6 +81,7 @@ def fit(
     resume: str | bool | None = None,
     seed: int = 0,
     callback: SparseTrainingCallback | None = None,
+    late: bool = False,
     **args: Any,
 ) -> tuple[GPT2LMHeadModel, Trainer, SparseTrainingCallback]:
     """Train a tiny GPT-2 for STEPS steps with the callback, saving every 4."""
@@ -104,8 +105,10 @@ def fit(
         arguments,
         train_dataset=Tokens(),
         eval_dataset=Tokens() if arguments.eval_strategy != "no" else None,
-        callbacks=[callback],
+        callbacks=None if late else [callback],
     )
+    if late:
+        trainer.add_callback(callback)  # on_init_end has passed: train sparsifies
     trainer.train(resume_from_checkpoint=resume)
     return model, trainer, callback
 
@@ -287,6 +290,15 @@ def test_resume_with_accumulation_clipping_and_bf16_is_bit_exact(tmp_path: Path)
     )
     assert_identical(snapshot(model, trainer, callback), uninterrupted)
     check_masked(model, trainer, callback.sparsifier)
+
+
+def test_callback_added_after_init_resumes_bit_exact(
+    finished: dict[str, Any], tmp_path: Path
+):
+    """trainer.add_callback: the trained weights load before sparsify."""
+    out = resumable(finished, tmp_path)
+    run = fit(out, resume=str(out / "checkpoint-8"), late=True, seed=1)
+    assert_identical(snapshot(*run), finished["snapshot"])
 
 
 def test_resume_true_finds_the_last_checkpoint(

@@ -51,6 +51,7 @@ from sparsetorch import _distributed
 from sparsetorch.api import sparsify
 from sparsetorch.policies.base import Policy
 from sparsetorch.sparsifier import Sparsifier
+from sparsetorch.topology import named_tensors
 
 __all__ = ["SPARSIFIER_NAME", "SparseTrainingCallback"]
 
@@ -190,23 +191,26 @@ class SparseTrainingCallback(TrainerCallback):
         """Attach the optimizer, fix the run length, load a resumed checkpoint."""
         model = kwargs["model"]
         sparsifier = self._sparsifier
-        if sparsifier is None or sparsifier.topology.model is not model:
+        late = sparsifier is None or sparsifier.topology.model is not model
+        if late and _distributed.world_size() > 1:
             # Added after __init__ (trainer.add_callback), or a new model from
-            # model_init: the Trainer may have wrapped it already.
-            if _distributed.world_size() > 1:
-                raise RuntimeError(
-                    "SparseTrainingCallback must sparsify the model before the "
-                    "Trainer wraps it in DistributedDataParallel, at the end of "
-                    "Trainer.__init__, but the Trainer now trains another model "
-                    f"({type(model).__name__}: added with trainer.add_callback, "
-                    "or built by model_init).\nPass the callback to the Trainer "
-                    "that trains it, Trainer(model, ..., callbacks=[...]), "
-                    "without model_init."
-                )
-            sparsifier = self._sparsifier = self._sparsify(model)
+            # model_init: the Trainer has wrapped it already.
+            raise RuntimeError(
+                "SparseTrainingCallback must sparsify the model before the "
+                "Trainer wraps it in DistributedDataParallel, at the end of "
+                "Trainer.__init__, but the Trainer now trains another model "
+                f"({type(model).__name__}: added with trainer.add_callback, "
+                "or built by model_init).\nPass the callback to the Trainer "
+                "that trains it, Trainer(model, ..., callbacks=[...]), "
+                "without model_init."
+            )
         saved = None
         if state.global_step > 0:  # resumed: the Trainer restored trainer_state
-            saved = _read(_checkpoint_folder(args, state), sparsifier, resumed=True)
+            # The stored weights the Trainer loaded, before anything masks them.
+            weights = dict(named_tensors(model))
+            saved = _read(_checkpoint_folder(args, state), weights, resumed=True)
+        if sparsifier is None or late:
+            sparsifier = self._sparsifier = self._sparsify(model)
         optimizer = kwargs["optimizer"]
         # Accelerate's AcceleratedOptimizer subclasses torch.optim.Optimizer
         # without its hooks: attach the torch optimizer inside.
@@ -244,7 +248,7 @@ class SparseTrainingCallback(TrainerCallback):
         torch.save(
             {
                 "sparsifier": sparsifier.state_dict(),
-                "checksums": _checksums(sparsifier, masked=True),
+                "checksums": _checksums(sparsifier),
                 "total_steps": self._run_steps,
             },
             os.path.join(folder, SPARSIFIER_NAME),
@@ -260,7 +264,8 @@ class SparseTrainingCallback(TrainerCallback):
         """With ``load_best_model_at_end``, restore the best checkpoint's masks."""
         best = state.best_model_checkpoint
         if self._sparsifier is not None and args.load_best_model_at_end and best:
-            saved = _read(best, self._sparsifier, resumed=False)
+            weights = dict(named_tensors(kwargs["model"]))
+            saved = _read(best, weights, resumed=False)
             self._sparsifier.load_state_dict(saved["sparsifier"])
 
     # -- helpers ------------------------------------------------------------------
@@ -291,11 +296,13 @@ class SparseTrainingCallback(TrainerCallback):
         )
 
 
-def _read(folder: str, sparsifier: Sparsifier, *, resumed: bool) -> dict[str, Any]:
-    """``folder``'s saved sparsifier state, after checking it fits the weights.
+def _read(
+    folder: str, weights: Mapping[str, Tensor], *, resumed: bool
+) -> dict[str, Any]:
+    """``folder``'s saved sparsifier state, after checking it fits ``weights``.
 
-    The Trainer has just loaded ``folder``'s weights; they are not masked
-    before the next forward, so they are compared as loaded. Nothing changes.
+    ``weights`` (``tensor_fqn -> stored tensor``) are those the Trainer has
+    just loaded from ``folder``, before anything masks them. Nothing changes.
     """
     path = os.path.join(folder, SPARSIFIER_NAME)
     if not os.path.isfile(path):
@@ -312,13 +319,12 @@ def _read(folder: str, sparsifier: Sparsifier, *, resumed: bool) -> dict[str, An
             f"SparseTrainingCallback found no sparsifier state {path}.\n{how}"
         )
     saved: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    checksums = _checksums(sparsifier, masked=False)
-    if saved["checksums"] != checksums:
-        differ = sorted(
-            fqn
-            for fqn, value in checksums.items()
-            if saved["checksums"].get(fqn) != value
-        )
+    differ = sorted(
+        fqn
+        for fqn, value in saved["checksums"].items()
+        if fqn not in weights or _bit_sum(weights[fqn].detach()) != value
+    )
+    if differ:
         raise RuntimeError(
             f"The sparsifier state {path} was saved with other weights than "
             f"those the Trainer loaded (they differ in {differ}), so its "
@@ -336,20 +342,19 @@ def _checkpoint_folder(args: TrainingArguments, state: TrainerState) -> str:
     return os.path.join(root, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
 
-def _checksums(sparsifier: Sparsifier, *, masked: bool) -> dict[str, int]:
-    """An exact fingerprint of each masked weight's nonzero values.
+def _checksums(sparsifier: Sparsifier) -> dict[str, int]:
+    """An exact fingerprint of each masked weight's nonzero values, as saved.
 
-    The sum of their bit patterns as integers: independent of summation order
-    (so of the device), and equal for the saved weights (``masked``: as the
-    state dict holds them) and their loaded copy (stored values, not yet
-    masked), whose values outside the saved masks are zeros of either sign.
+    The sum of their bit patterns as integers (:func:`_bit_sum`): independent
+    of summation order, so of the device, and equal for the saved (masked)
+    weights and their loaded copy, whose values outside the saved masks are
+    zeros of either sign.
     """
-    out = {}
     with torch.no_grad():
-        for fqn, weight in sparsifier.topology.params.items():
-            values = weight.detach()
-            out[fqn] = _bit_sum(values * sparsifier.masks[fqn] if masked else values)
-    return out
+        return {
+            fqn: _bit_sum(weight.detach() * sparsifier.masks[fqn])
+            for fqn, weight in sparsifier.topology.params.items()
+        }
 
 
 def _bit_sum(values: Tensor) -> int:
