@@ -268,6 +268,39 @@ def test_w_lists_rigl_torch_layers_and_the_attributes_follow_it() -> None:
     assert pruner.sparsity_distribution == "uniform"
 
 
+@pytest.mark.parametrize("static_topo", [0, 1])
+@pytest.mark.parametrize("zero_grad", [True, False])
+def test_rigl_torch_loop_keeps_zeros_in_weights_gradients_and_momentum(
+    static_topo: int, zero_grad: bool
+) -> None:
+    # What rigl-torch's own tests check, through its attributes; its elements
+    # test never calls zero_grad, so gradients accumulate across RigL steps.
+    model = cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    pruner = RigLScheduler(
+        model, optimizer, 0.1, T_end=11, delta=3, static_topo=static_topo
+    )
+    x, y = batch(model)
+    for _ in range(8):
+        if zero_grad:
+            optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if pruner():
+            optimizer.step()
+        for w, s, n, mask in zip(
+            pruner.W, pruner.S, pruner.N, pruner.backward_masks, strict=True
+        ):
+            assert "momentum_buffer" in optimizer.state[w]
+            if mask is None:
+                assert s == 0
+                continue
+            assert int((~mask).sum()) == int(s * n)
+            assert w.grad is not None
+            for tensor in (w, w.grad, optimizer.state[w]["momentum_buffer"]):
+                assert int(tensor[~mask].count_nonzero()) == 0
+    assert pruner.rigl_steps == (0 if static_topo else 2)  # steps 3 and 6
+
+
 def test_attributes_are_read_only_views() -> None:
     pruner = _cnn_pruner(ignore_linear_layers=False)
     for name in ("W", "S", "N", "backward_masks", "step", "T_end", "delta", "model"):
