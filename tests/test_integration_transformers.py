@@ -309,6 +309,15 @@ def test_resume_true_finds_the_last_checkpoint(
     assert_identical(snapshot(*fit(out, resume=True)), finished["snapshot"])
 
 
+def test_activation_checkpointing_trains_the_same_run(
+    finished: dict[str, Any], tmp_path: Path
+):
+    """The recomputed forward reads the masked weights again: same run, bit for bit."""
+    run = fit(tmp_path, save_strategy="no", activation_checkpointing=True)
+    assert run[0].is_activation_checkpointing
+    assert_identical(snapshot(*run), finished["snapshot"])
+
+
 def test_run_length_comes_from_the_trainer(finished: dict[str, Any]):
     assert finished["sparsifier"].schedule.end_step == int(0.75 * STEPS)
 
