@@ -14,9 +14,10 @@ The callback follows the Trainer's order of events:
 2. ``train(resume_from_checkpoint=...)`` loads the weights into the sparsified
    model, builds the optimizer, wraps the model and loads the optimizer and
    scheduler states; none of them is masked before the next step.
-3. ``on_train_begin``: the Trainer's optimizer is attached
-   (:meth:`sparsetorch.Sparsifier.attach_optimizer`, which unwraps
-   Accelerate's ``AcceleratedOptimizer``): its steps advance the sparsifier.
+3. ``on_train_begin``: the torch optimizer inside the Trainer's (Accelerate's
+   ``AcceleratedOptimizer``) is attached
+   (:meth:`sparsetorch.Sparsifier.attach_optimizer`): its steps advance the
+   sparsifier.
    The run length is the Trainer's ``max_steps``. On resume, the sparsifier
    state saved in the checkpoint folder is loaded: masks, step count and
    generator state, so the run continues as if it had never stopped.
@@ -74,8 +75,9 @@ class SparseTrainingCallback(TrainerCallback):
     if the run had not stopped: masks, weights, optimizer state, step count.
     It works under DDP (``torchrun``; ranks keep identical masks), with
     ``gradient_accumulation_steps`` (it counts optimizer steps, not batches),
-    ``max_grad_norm``, ``bf16`` / ``fp16`` and ``load_best_model_at_end``
-    (the best checkpoint's masks come back with its weights).
+    ``max_grad_norm``, ``bf16``, ``activation_checkpointing`` and
+    ``load_best_model_at_end`` (the best checkpoint's masks come back with its
+    weights). Under ``fp16``, a step the gradient scaler skips is not counted.
     ``model.save_pretrained`` writes the dense model's keys with masked values:
     ``from_pretrained`` loads them into the plain model class.
 
