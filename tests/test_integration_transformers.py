@@ -439,11 +439,15 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()
     # Each rank initializes its model from another seed: rank 0's must win.
-    uninterrupted = snapshot(*fit(out, seed=rank, ddp_backend="gloo"))
+    # DDP's no_sync on accumulation steps, clipping across ranks.
+    ddp = {
+        "ddp_backend": "gloo",
+        "gradient_accumulation_steps": 2,
+        "max_grad_norm": 0.05,
+    }
+    uninterrupted = snapshot(*fit(out, seed=rank, **ddp))
     resumed = snapshot(
-        *fit(
-            out, seed=rank, resume=os.path.join(out, "checkpoint-8"), ddp_backend="gloo"
-        )
+        *fit(out, seed=rank, resume=os.path.join(out, "checkpoint-8"), **ddp)
     )
     arguments = TrainingArguments(
         os.path.join(out, "own"),
