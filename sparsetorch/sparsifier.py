@@ -119,6 +119,7 @@ class Sparsifier:
             weakref.WeakKeyDictionary()
         )
         self._capture_by_hand = False
+        self._counted_by_hand = False  # sparsifier.step() since the last load
         self._stash = Stash() if stash is None else stash
         if optimizer is not None:
             if count_optimizer_steps is None:
@@ -251,7 +252,7 @@ class Sparsifier:
             )
 
     def _manual_steps(self) -> bool:
-        return self.step_count > 0 and not any(
+        return self._counted_by_hand and not any(
             a.counts for a in self._attached.values()
         )
 
@@ -337,6 +338,7 @@ class Sparsifier:
                 "twice.\nRemove the sparsifier.step() call: optimizer.step() "
                 "advances the sparsifier."
             )
+        self._counted_by_hand = True
         return self._count()
 
     def _count(self) -> bool:
@@ -643,6 +645,7 @@ class Sparsifier:
         self.generator.set_state(generator_state)
         self.step_count = counts["step"]
         self.update_count = counts["updates"]
+        self._counted_by_hand = False  # a restored count, not one counted here
         self._arm()
 
     # -- lifecycle and display ----------------------------------------------------

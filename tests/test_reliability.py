@@ -702,3 +702,28 @@ def test_load_with_assign_moves_the_gradient_hooks_to_the_new_tensor() -> None:
     mask = sparsifier.masks["0.weight"]
     assert stored.grad is not None and int(stored.grad[~mask].count_nonzero()) == 0
     assert int(stored[~mask].count_nonzero()) == 0
+
+
+def test_attach_to_count_after_a_restored_step_count_but_not_after_manual_steps() -> (
+    None
+):
+    torch.manual_seed(0)
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    sparsifier = st.sparsify(model, optimizer, **RIGL)
+    for x, y in small_batches(3):
+        optimizer.zero_grad()
+        loss(model, x, y).backward()
+        optimizer.step()
+    state = sparsifier.state_dict()
+    resumed = st.sparsify(small_mlp(), policy="rigl", **RIGL)
+    resumed.load_state_dict(state)  # Lightning restores before it builds optimizers
+    late = torch.optim.SGD(resumed.topology.model.parameters(), lr=0.05)
+    resumed.attach_optimizer(late)  # counts on from step 3
+    assert resumed.step_count == 3
+    manual = st.sparsify(small_mlp(), policy="rigl", **RIGL)
+    manual.step()
+    with pytest.raises(RuntimeError, match="counted 1 steps by hand"):
+        manual.attach_optimizer(
+            torch.optim.SGD(manual.topology.model.parameters(), lr=0.1)
+        )

@@ -170,7 +170,6 @@ class SparseTraining(Callback):
         self._before_update: dict[str, Tensor] | None = None
         self._ever_active: dict[str, Tensor] | None = None
         self._itop: float | None = None
-        self._restored: dict[str, Any] | None = None
         self.mask_change = 0.0
 
     # -- what users read ----------------------------------------------------------
@@ -262,18 +261,10 @@ class SparseTraining(Callback):
                 f"masked weights {sorted(sparsifier.masks)}.\n"
                 "Build the optimizer over self.parameters() in configure_optimizers."
             )
-        restored = self._restored
-        if restored is not None:
-            # attach_optimizer takes a restored step count for steps counted
-            # by hand; count from zero while attaching, then load the state again.
-            sparsifier.step_count = 0
         # The first optimizer's steps advance the sparsifier; the others (a
         # second optimizer over part of the weights) get their state masked.
         for i, optimizer in enumerate(holding):
             sparsifier.attach_optimizer(optimizer, count_steps=i == 0)
-        if restored is not None:
-            sparsifier.load_state_dict(restored)
-            self._restored = None
         if (
             sparsifier.policy.dynamic
             and self._run_steps is None
@@ -395,7 +386,6 @@ class SparseTraining(Callback):
             self._run_steps = self.total_steps or saved_steps
         else:
             sparsifier.load_state_dict(state_dict["sparsifier"])
-        self._restored = sparsifier.state_dict()
         self.mask_change = float(state_dict.get("mask_change", 0.0))
         self._seen_updates = sparsifier.update_count
         ever = state_dict.get("ever_active")
