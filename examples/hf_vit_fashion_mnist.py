@@ -5,7 +5,7 @@ same model config, same Trainer arguments (AdamW, linear warmup and decay).
 
 Run::
 
-    python examples/hf_vit_fashion_mnist.py --policy rigl    # ~3 min of one core
+    python examples/hf_vit_fashion_mnist.py --policy rigl    # 2-3 min of one core
     python examples/hf_vit_fashion_mnist.py --policy dense
     python examples/hf_vit_fashion_mnist.py --quick          # a slice: smoke test
 
