@@ -301,6 +301,25 @@ def test_callback_added_after_init_resumes_bit_exact(
     assert_identical(snapshot(*run), finished["snapshot"])
 
 
+def test_model_init_sparsifies_the_model_that_train_builds(tmp_path: Path):
+    callback = SparseTrainingCallback(sparsity=0.9, update_interval=2)
+    arguments = TrainingArguments(
+        str(tmp_path), max_steps=4, use_cpu=True, report_to=[], save_strategy="no"
+    )
+    trainer = Trainer(
+        model_init=lambda: gpt2(),
+        args=arguments,
+        train_dataset=Tokens(),
+        callbacks=[callback],
+    )
+    trainer.train()  # builds a new model from model_init
+    sparsifier = callback.sparsifier
+    assert sparsifier is not None
+    assert sparsifier.topology.model is trainer.model
+    assert (sparsifier.step_count, sparsifier.update_count) == (4, 1)
+    assert sparsifier.schedule.end_step == 3
+
+
 def test_resume_true_finds_the_last_checkpoint(
     finished: dict[str, Any], tmp_path: Path
 ):
