@@ -360,7 +360,9 @@ def _checksums(sparsifier: Sparsifier) -> dict[str, int]:
 
 
 def _bit_sum(values: Tensor) -> int:
-    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[values.element_size()]
+    """The sum of the nonzero values' bit patterns, as integers (exact)."""
+    size = values.element_size()
+    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
     flat = values.flatten()
     pattern = flat.view(bits).to(torch.int64)
     return int(torch.where(flat != 0, pattern, 0).sum())
