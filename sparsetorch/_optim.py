@@ -56,14 +56,19 @@ def unwrap_optimizer(optimizer: object) -> torch.optim.Optimizer:
     """
     seen = optimizer
     for _ in range(8):  # wrappers of wrappers, never a cycle
+        # A wrapper may itself subclass Optimizer (AcceleratedOptimizer does)
+        # without holding the state: prefer the optimizer it wraps.
+        inner = getattr(seen, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            inner = getattr(seen, "_optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer) or (
+            inner is not None and not isinstance(seen, torch.optim.Optimizer)
+        ):
+            seen = inner
+            continue
         if isinstance(seen, torch.optim.Optimizer):
             return seen
-        inner = getattr(seen, "optimizer", None)
-        if inner is None:
-            inner = getattr(seen, "_optimizer", None)
-        if inner is None:
-            break
-        seen = inner
+        break
     raise TypeError(
         f"Expected a torch.optim.Optimizer (or a wrapper holding one as "
         f".optimizer or ._optimizer), got {type(optimizer).__name__}."

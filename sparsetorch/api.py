@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from sparsetorch import _distributed
+from sparsetorch._optim import unwrap_optimizer
 from sparsetorch._stash import Stash
 from sparsetorch.distributions import allocate
 from sparsetorch.execution import check_execution
@@ -63,9 +64,14 @@ def sparsify(
 
     Args:
         model: the model to sparsify, changed in place.
-        optimizer: the optimizer of ``model``. Its steps are counted and its
-            state is reset where masks change. Default: ``None`` (call
-            ``sparsifier.step()`` after each optimizer step yourself).
+        optimizer: the optimizer of ``model`` (a framework's wrapper of one is
+            unwrapped). Its steps are counted and its state is reset where
+            masks change. Default: ``None``: call ``sparsifier.step()`` after
+            each optimizer step yourself, or attach one later with
+            :meth:`~sparsetorch.Sparsifier.attach_optimizer`. An optimizer
+            that steps masked weights without being attached is attached at
+            its first step (its state is reset where masks change; its steps
+            are not counted).
         policy: ``"rigl"``, ``"set"``, ``"static"`` or a
             :class:`~sparsetorch.policies.Policy`. Default: ``"rigl"``.
         sparsity: fraction of zeros over all selected weights, in ``[0, 1)``.
@@ -140,11 +146,14 @@ def sparsify(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
     model, ddp = _distributed.unwrap(model)  # a DDP wrapper: its .module
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            "optimizer must be a torch.optim.Optimizer or None, got "
-            f"{type(optimizer).__name__}."
-        )
+    if optimizer is not None:
+        try:  # a framework's wrapper (AcceleratedOptimizer): the optimizer inside
+            optimizer = unwrap_optimizer(optimizer)
+        except TypeError:
+            raise TypeError(
+                "optimizer must be a torch.optim.Optimizer (or a framework's "
+                f"wrapper of one) or None, got {type(optimizer).__name__}."
+            ) from None
     _check_sparsity(sparsity)
     check_execution(execution)
     policy = make_policy(policy)
@@ -199,7 +208,8 @@ def sparsify(
             f"total_steps={total_steps}" if end_from_total else f"end_step={end_step}",
             stacklevel=2,
         )
-    fqns = select_tensors(model, include, exclude)
+    tied: dict[str, str] = {}
+    fqns = select_tensors(model, include, exclude, skipped=tied)
     tensors = dict(named_tensors(model))
     for fqn in fqns:
         check_materialized(fqn, tensors[fqn])
@@ -256,6 +266,7 @@ def sparsify(
         stash=stash,
         end_step_from_total=end_from_total,
         skipped={
+            **tied,
             **{fqn: "no elements" for fqn in empty},
             **{fqn: "requires_grad=False" for fqn in frozen},
         },

@@ -396,9 +396,26 @@ def tokens(g: torch.Generator) -> Tensor:
     return torch.randint(0, 12, (16,), generator=g)
 
 
-def test_tied_weights_by_default_one_mask_under_the_linear_name() -> None:
+def test_output_layer_tied_to_an_embedding_stays_dense_by_default() -> None:
     model = TiedLM()
-    sparsifier, _ = train(model, sgd, tokens, sparsity=0.5)
+    embedding = model.emb.weight.detach().clone()
+    sparsifier = st.sparsify(model, policy="static", sparsity=0.5)
+    assert list(sparsifier.masks) == ["fc.weight"]
+    assert sparsifier.skipped == {
+        "head.weight": "tied to emb.weight, an input embedding"
+    }
+    assert model.head.weight is model.emb.weight
+    assert torch.equal(model.emb.weight, embedding)
+    assert sparsifier.summary().splitlines()[-1] == (
+        "skipped: head.weight (tied to emb.weight, an input embedding, dense)"
+    )
+
+
+def test_tied_weights_included_one_mask_under_the_linear_name() -> None:
+    model = TiedLM()
+    sparsifier, _ = train(
+        model, sgd, tokens, sparsity=0.5, include=["fc.weight", "head.weight"]
+    )
     assert list(sparsifier.masks) == ["fc.weight", "head.weight"]
     assert model.emb.weight is sparsifier.topology.params["head.weight"]
     assert model.head.weight is model.emb.weight
@@ -425,7 +442,9 @@ total                0.5000  0.5000         80        160""",
 
 def test_tied_weight_is_masked_after_a_dense_load_before_either_user_reads_it() -> None:
     model = TiedLM()
-    sparsifier = st.sparsify(model, policy="static", sparsity=0.5)
+    sparsifier = st.sparsify(
+        model, policy="static", sparsity=0.5, include=["fc.weight", "head.weight"]
+    )
     mask = sparsifier.masks["head.weight"]
     seen: list[Tensor] = []
     model.emb.register_forward_hook(lambda m, args, out: seen.append(out.detach()))
@@ -438,7 +457,7 @@ def test_tied_weight_is_masked_after_a_dense_load_before_either_user_reads_it() 
 
 def test_sparsifying_the_other_name_of_a_sparsified_tied_weight_raises() -> None:
     model = TiedLM()
-    st.sparsify(model, policy="static", sparsity=0.5)
+    st.sparsify(model, policy="static", sparsity=0.5, include=["head.weight"])
     with pytest.raises(ValueError) as error:
         st.sparsify(model, policy="static", include=["emb.weight"])
     assert_expected_inline(
