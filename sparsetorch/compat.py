@@ -226,11 +226,24 @@ class RigLScheduler:
             }
         else:
             distribution = "erk"
-        # Kept to undo sparsify() if the state_dict does not fit.
+        # Kept to undo sparsify() if the state_dict does not fit: the weights and
+        # their optimizer state, which sparsify and remove() mask.
         dense_copy = (
             None
             if state_dict is None
             else {fqn: tensors[fqn].detach().clone() for fqn in include}
+        )
+        state_copy = (
+            None
+            if state_dict is None
+            else {
+                fqn: {
+                    k: v.clone()
+                    for k, v in optimizer.state.get(tensors[fqn], {}).items()
+                    if isinstance(v, Tensor)
+                }
+                for fqn in include
+            }
         )
         static = self._settings["static_topo"]
         t_end = self._settings["T_end"]
@@ -254,7 +267,7 @@ class RigLScheduler:
         self.sparsifier.optimizer = optimizer
         if self._settings["grad_accumulation_n"] > 1:
             self.sparsifier.capture_steps = self._settings["grad_accumulation_n"]
-        if dense_copy is not None and state_dict is not None:
+        if dense_copy is not None and state_copy is not None and state_dict is not None:
             try:
                 self.load_state_dict(state_dict)
             except (TypeError, ValueError):
@@ -262,6 +275,9 @@ class RigLScheduler:
                 with torch.no_grad():
                     for fqn, value in dense_copy.items():
                         tensors[fqn].copy_(value)
+                        state = optimizer.state.get(tensors[fqn], {})
+                        for key, saved in state_copy[fqn].items():
+                            state[key].copy_(saved)
                 raise
 
     def __call__(self) -> bool:

@@ -567,25 +567,35 @@ def test_a_rigl_torch_checkpoint_of_another_model_raises_and_changes_nothing() -
     )
 
 
-def test_a_corrupted_rigl_torch_mask_raises_and_restores_the_weights() -> None:
+def test_a_corrupted_rigl_torch_mask_raises_and_restores_weights_and_state() -> None:
     model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 20)).sum().backward()
+    optimizer.step()  # momentum everywhere
     masks = _random_masks(model)
     masks[2] = torch.ones_like(masks[2])  # not the count S says
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match="active"):
+    momentum = [
+        optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()
+    ]
+    with pytest.raises(ValueError) as error:
         RigLScheduler(
             model,
-            torch.optim.SGD(model.parameters(), lr=0.1),
+            optimizer,
             0.25,
             T_end=20,
             delta=2,
             ignore_linear_layers=False,
             state_dict=_rigl_torch_state(model, masks),
         )
-    assert not any(hasattr(m, "parametrizations") for m in model.modules())
-    assert all(
-        torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)
+    assert_expected_inline(
+        str(error.value),
+        """The rigl-torch checkpoint's mask of '4.weight' has 64 active weights, but its S=0.75 keeps 64 - int(0.75 * 64) = 16: it is corrupted.""",
     )
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+    for p, weight, buffer in zip(model.parameters(), before, momentum, strict=True):
+        assert torch.equal(p, weight)
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], buffer)
 
 
 def test_load_state_dict_converts_a_rigl_torch_checkpoint_of_the_same_settings() -> (
@@ -613,3 +623,37 @@ The rigl-torch checkpoint was made with other settings:
 T_end: checkpoint 30, this scheduler 20
 Pass it to the constructor instead: RigLScheduler(model, optimizer, ..., state_dict=checkpoint) adopts its settings.""",
     )
+
+
+def test_a_checkpoint_that_fails_after_sparsifying_restores_weights_and_state() -> None:
+    other = mlp()  # the same layers, another density: fails in load_state_dict
+    state = RigLScheduler(
+        other,
+        torch.optim.SGD(other.parameters(), lr=0.1),
+        0.5,
+        T_end=20,
+        delta=2,
+        ignore_linear_layers=False,
+    ).state_dict()
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 20)).sum().backward()
+    optimizer.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    momentum = [
+        optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()
+    ]
+    with pytest.raises(ValueError, match="other settings"):
+        RigLScheduler(
+            model,
+            optimizer,
+            0.25,
+            T_end=20,
+            delta=2,
+            ignore_linear_layers=False,
+            state_dict=state,
+        )
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+    for p, weight, buffer in zip(model.parameters(), before, momentum, strict=True):
+        assert torch.equal(p, weight)
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], buffer)
