@@ -475,6 +475,9 @@ SCENARIOS: dict[str, Callable[[int, str], dict[str, Any]]] = {
     "ddp_wrapped_first_no_sync": lambda rank, out: _ddp_training(
         rank, out, "no_sync", wrap_first=True
     ),
+    "ddp_wrapped_first_bucket_view": lambda rank, out: _ddp_training(
+        rank, out, "none", wrap_first=True, gradient_as_bucket_view=True
+    ),
     "ddp_wrapped_first_ignored": _ignored_weight_stays_ignored,
     "rigl_scheduler_ddp": _rigl_scheduler_on_ddp,
     "guard_inner": _guard_inner_module_sparsified,
@@ -553,6 +556,7 @@ WRAPPED_FIRST = [
     "ddp_wrapped_first",
     "ddp_wrapped_first_unused",
     "ddp_wrapped_first_static_graph",
+    "ddp_wrapped_first_bucket_view",
     "ddp_wrapped_first_no_sync",
 ]
 
@@ -593,6 +597,7 @@ def test_ddp_ranks_hold_identical_masks_equal_to_single_process_run(
         ("ddp_wrapped_first", "ddp"),
         ("ddp_wrapped_first_unused", "ddp"),
         ("ddp_wrapped_first_static_graph", "ddp"),
+        ("ddp_wrapped_first_bucket_view", "ddp"),
         ("ddp_wrapped_first_no_sync", "ddp_accumulate_no_sync"),
     ],
 )
@@ -683,7 +688,7 @@ def test_ddp_all_reduces_masked_gradients(ranks: list[dict[str, Any]]):
         assert min(result["grad_nonzeros_inside_masks"]) > 0
 
 
-@pytest.mark.parametrize("scenario", WRAPPED_FIRST[:3])
+@pytest.mark.parametrize("scenario", WRAPPED_FIRST[:4])
 def test_ddp_wrapped_before_sparsify_all_reduces_masked_gradients(
     ranks: list[dict[str, Any]], scenario: str
 ):
@@ -852,7 +857,7 @@ Train with DistributedDataParallel instead: sparsify(model, ...), then Distribut
 # -- the torchrun example -----------------------------------------------------------
 
 
-def test_ddp_example_runs_under_torchrun_and_measures_4_bytes_per_update(
+def test_ddp_example_runs_under_torchrun_and_measures_the_bytes_per_update(
     tmp_path: Path,
 ):
     root = Path(__file__).resolve().parents[1]
