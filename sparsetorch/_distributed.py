@@ -6,10 +6,15 @@
   ranks, in fp32 buckets (4 bytes per masked weight). Every rank then computes
   the same new masks from the same weights, gradients and generator: masks are
   never sent again.
+* Also at an update, :func:`check_ranks_agree` all-reduces a 64-byte checksum
+  of the masks and masked weights, and stops every rank if they differ.
 * Between updates sparsetorch sends nothing. The masks are buffers of
   :class:`~sparsetorch.MaskParametrization`, so :func:`keep_masks_local` names
   them in DistributedDataParallel's ignore list: DDP's per-forward buffer
   broadcast (``broadcast_buffers=True``) leaves them out.
+* A model already wrapped in DDP is sparsified through its ``.module``
+  (:func:`unwrap`), and DDP's reducer is rebuilt over the parametrized weights
+  (:func:`rebuild_reducer`).
 
 See ``docs/distributed.md``.
 """
