@@ -213,12 +213,7 @@ class SparseTrainingCallback(TrainerCallback):
             saved = _read(_checkpoint_folder(args, state), weights, resumed=True)
         if sparsifier is None or late:
             sparsifier = self._sparsifier = self._sparsify(model)
-        optimizer = kwargs["optimizer"]
-        # Accelerate's AcceleratedOptimizer subclasses torch.optim.Optimizer
-        # without its hooks: attach the torch optimizer inside.
-        while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-            optimizer = optimizer.optimizer
-        sparsifier.attach_optimizer(optimizer)
+        sparsifier.attach_optimizer(kwargs["optimizer"])  # AcceleratedOptimizer
         if self.total_steps is None and self.end_step is None:
             # On resume, the checkpoint's run length: training for more steps
             # after a resume does not stretch the schedule already under way.
