@@ -58,9 +58,11 @@ def sparsify(
 
     Under ``torch.distributed``, call it on every rank: rank 0's initial masks
     and generator state are broadcast, and the masks are kept out of
-    DistributedDataParallel's per-forward buffer broadcast. Sparsify first, then
-    wrap in ``DistributedDataParallel``. FSDP-sharded models are not supported
-    (see ``docs/distributed.md``).
+    DistributedDataParallel's per-forward buffer broadcast. A model already
+    wrapped in ``DistributedDataParallel`` can be passed as it is: it is
+    sparsified through its ``.module`` and DDP's reducer is rebuilt (pass the
+    wrapper, not ``.module``). FSDP-sharded models are not supported (see
+    ``docs/distributed.md``).
 
     Args:
         model: the model to sparsify, changed in place.
@@ -118,9 +120,11 @@ def sparsify(
             model and optimizer are left unchanged.
         TypeError: an argument has the wrong type. The model and optimizer are
             left unchanged.
-        RuntimeError: the model is already wrapped in
-            ``DistributedDataParallel``, or sharded (FSDP, ``fully_shard``,
-            DTensor parameters). The model is left unchanged.
+        RuntimeError: the model holds a ``DistributedDataParallel`` inside
+            another module, is a DDP wrapper using ``mixed_precision``,
+            ``delay_all_reduce_named_params`` or the Python reducer, or is
+            sharded (FSDP, ``fully_shard``, DTensor parameters). The model is
+            left unchanged.
 
     Example::
 

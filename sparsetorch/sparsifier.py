@@ -906,8 +906,8 @@ def _check_version(state_dict: Mapping[str, Any]) -> int:
     """The checkpoint's format version, if this sparsetorch reads it."""
     if "format_version" not in state_dict:
         hint = (
-            "It looks like a rigl-torch RigLScheduler state dict, which sparsetorch "
-            "does not read: start from the model's weights instead."
+            "It looks like a rigl-torch RigLScheduler state dict: pass it to "
+            "sparsetorch.RigLScheduler(..., state_dict=...), which converts it."
             if "backward_masks" in state_dict
             else "Pass the dict made by sparsifier.state_dict()."
         )

@@ -412,7 +412,7 @@ RIGL_CASES: list[tuple[str, dict[str, Any], type[Exception], str]] = [
     ("t-end-none", {"T_end": None}, ValueError, "T_end"),
     ("t-end-zero", {"T_end": 0}, ValueError, "0"),
     ("t-end-negative", {"T_end": -5}, ValueError, "-5"),
-    ("t-end-float", {"T_end": 2.5}, TypeError, "2.5"),
+    ("t-end-str", {"T_end": "20"}, TypeError, "'20'"),
     ("distribution-unknown", {"sparsity_distribution": "er"}, ValueError, "'er'"),
     ("distribution-list", {"sparsity_distribution": ["ERK"]}, TypeError, "['ERK']"),
     ("ignore-linear-str", {"ignore_linear_layers": "no"}, TypeError, "'no'"),
@@ -424,7 +424,7 @@ RIGL_CASES: list[tuple[str, dict[str, Any], type[Exception], str]] = [
     ("static-topo-str", {"static_topo": "yes"}, TypeError, "'yes'"),
     ("grad-accumulation-zero", {"grad_accumulation_n": 0}, ValueError, "0"),
     ("grad-accumulation-delta", {"grad_accumulation_n": 5}, ValueError, "delta=5"),
-    ("grad-accumulation-float", {"grad_accumulation_n": 1.0}, TypeError, "1.0"),
+    ("grad-accumulation-fraction", {"grad_accumulation_n": 1.5}, TypeError, "1.5"),
     ("state-dict-str", {"state_dict": "ckpt.pt"}, TypeError, "str"),
     ("state-dict-empty", {"state_dict": {}}, ValueError, "format_version"),
     (
@@ -468,7 +468,7 @@ def test_rigl_scheduler_rejects(
     snapshot.assert_unchanged()
 
 
-def test_rigl_scheduler_with_a_rigl_torch_state_dict() -> None:
+def test_rigl_scheduler_with_a_truncated_rigl_torch_state_dict() -> None:
     model = conv_net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     snapshot = Snapshot(model, optimizer)
@@ -478,8 +478,7 @@ def test_rigl_scheduler_with_a_rigl_torch_state_dict() -> None:
     assert_expected_inline(
         str(error.value),
         """\
-Not a sparsifier checkpoint: it has no 'format_version' (keys: ['S', 'backward_masks', 'dense_allocation']).
-It looks like a rigl-torch RigLScheduler state dict, which sparsetorch does not read: start from the model's weights instead.""",
+The rigl-torch checkpoint lacks the keys ['N', '_linear_layers_mask', 'hyperparams', 'rigl_steps', 'step']: it is truncated or not made by rigl-torch's RigLScheduler.state_dict().""",
     )
     snapshot.assert_unchanged()
 
