@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -180,3 +182,16 @@ def train_small_in_dtype(
                 assert p.dense_grad.dtype == dtype
         optimizer.step()
         check_invariants(sparsifier, optimizer, grads=True)
+
+
+def exit_worker() -> None:
+    """End a spawned worker process now that its results are saved.
+
+    ``os._exit`` skips the interpreter's teardown, where gloo's and DDP's
+    threads, destroyed in an arbitrary order, sometimes abort the process
+    ("terminate called without an active exception") on a loaded machine,
+    turning a run whose results are all written into a failed spawn.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import small_mlp, small_sparse, train_step
+from conftest import exit_worker, small_mlp, small_sparse, train_step
 from expecttest import assert_expected_inline
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -511,6 +511,7 @@ def _worker(rank: int, out: str) -> None:
     finally:
         dist.destroy_process_group()
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    exit_worker()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import check_invariants, mlp, train_step
+from conftest import check_invariants, exit_worker, mlp, train_step
 from expecttest import assert_expected_inline
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -660,6 +660,7 @@ def _ddp_sparse_worker(rank: int, out: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_worker()
 
 
 @pytest.mark.skipif(

@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from conftest import exit_worker
 from torch import Tensor, nn
 
 import sparsetorch as st
@@ -204,6 +205,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
     results["world"] = torch.distributed.get_world_size()
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
+    exit_worker()
 
 
 @pytest.fixture(scope="module")

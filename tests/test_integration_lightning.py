@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import check_invariants
+from conftest import check_invariants, exit_worker
 from expecttest import assert_expected_inline
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
@@ -652,3 +652,4 @@ def test_example_quick_run_on_real_fashion_mnist(tmp_path: Path):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["ddp"]:
     _ddp_main(Path(sys.argv[2]))
+    exit_worker()

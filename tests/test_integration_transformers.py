@@ -18,6 +18,7 @@ import safetensors.torch
 import torch
 import torch.multiprocessing as mp
 import transformers
+from conftest import exit_worker
 from expecttest import assert_expected_inline
 from torch import Tensor
 from transformers import (
@@ -497,6 +498,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
         os.path.join(out, f"rank{rank}.pt"),
     )
     torch.distributed.destroy_process_group()
+    exit_worker()
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import exit_worker
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -87,6 +88,7 @@ def _worker(rank: int, out: str) -> None:
     finally:
         dist.destroy_process_group()
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    exit_worker()
 
 
 @pytest.fixture(scope="module")
