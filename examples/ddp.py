@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
             },
             args.save,
         )
+    del ddp  # its reducer's threads end before the process group does
     dist.barrier()
     dist.destroy_process_group()
 
