@@ -774,7 +774,8 @@ class Sparsifier:
             >>> import torch
             >>> import sparsetorch as st
             >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
-            >>> sparsifier = st.sparsify(model, policy="set", total_steps=100)
+            >>> sparsifier = st.sparsify(model, policy="set", total_steps=1000,
+            ...                          update_interval=10)
             >>> sparsifier.set_total_steps(2000)
             >>> sparsifier.schedule.end_step
             1500
