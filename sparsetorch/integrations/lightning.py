@@ -36,7 +36,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from sparsetorch.api import sparsify
+from sparsetorch.integrations._common import SparsifyArguments
 from sparsetorch.policies.base import Policy
 from sparsetorch.sparsifier import Sparsifier
 from sparsetorch.topology import select_tensors
@@ -48,11 +48,8 @@ __all__ = ["SparseTraining"]
 #: wrapping the module.
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
-#: ``total_steps`` given to ``sparsify`` until the run length is known.
-_LENGTH_NOT_YET_KNOWN = 2**62
 
-
-class SparseTraining(Callback):
+class SparseTraining(SparsifyArguments, Callback):
     r"""Train a ``LightningModule`` sparse: masks, topology updates, checkpoints.
 
     The arguments are those of :func:`sparsetorch.sparsify` (see there), except
@@ -215,29 +212,7 @@ class SparseTraining(Callback):
                 "whose masks must exist before the weights load.\n"
                 'Use strategy="ddp" (or a single device).'
             )
-        total_steps = self.total_steps
-        if total_steps is None and self.end_step is None:
-            # The run length is known at fit start (or from the checkpoint):
-            # set_total_steps replaces this before the first step.
-            total_steps = _LENGTH_NOT_YET_KNOWN
-        self._sparsifier = sparsify(
-            pl_module,
-            None,
-            policy=self.policy,
-            sparsity=self.sparsity,
-            distribution=self.distribution,
-            total_steps=total_steps,
-            update_interval=self.update_interval,
-            drop_fraction=self.drop_fraction,
-            drop_schedule=self.drop_schedule,
-            begin_step=self.begin_step,
-            end_step=self.end_step,
-            include=self.include,
-            exclude=self.exclude,
-            grow_init=self.grow_init,
-            seed=self.seed,
-            execution=self.execution,
-        )
+        self._sparsifier = self._sparsify_model(pl_module)
         self._module = pl_module
         if self.itop:
             self._ever_active = {

@@ -39,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import (
     TrainerCallback,
     TrainerControl,
@@ -49,7 +49,7 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sparsetorch import _distributed
-from sparsetorch.api import sparsify
+from sparsetorch.integrations._common import SparsifyArguments
 from sparsetorch.policies.base import Policy
 from sparsetorch.sparsifier import Sparsifier
 from sparsetorch.topology import named_tensors
@@ -59,11 +59,8 @@ __all__ = ["SPARSIFIER_NAME", "SparseTrainingCallback"]
 #: The sparsifier state's file in each ``checkpoint-N`` folder.
 SPARSIFIER_NAME = "sparsifier.pt"
 
-#: A run length for ``sparsify`` until the Trainer's ``max_steps`` is known.
-_UNTIL_TRAIN_BEGIN = 10**12
 
-
-class SparseTrainingCallback(TrainerCallback):
+class SparseTrainingCallback(SparsifyArguments, TrainerCallback):
     r"""Train the Hugging Face ``Trainer``'s model sparse, checkpoints included.
 
     The arguments are those of :func:`sparsetorch.sparsify` (see there), except
@@ -181,7 +178,7 @@ class SparseTrainingCallback(TrainerCallback):
     ) -> None:
         """Sparsify the model, before weights load and Accelerate wraps it."""
         if self._sparsifier is None:
-            self._sparsifier = self._sparsify(kwargs["model"])
+            self._sparsifier = self._sparsify_model(kwargs["model"])
 
     def on_train_begin(
         self,
@@ -212,7 +209,7 @@ class SparseTrainingCallback(TrainerCallback):
             weights = dict(named_tensors(model))
             saved = _read(_checkpoint_folder(args, state), weights, resumed=True)
         if sparsifier is None or late:
-            sparsifier = self._sparsifier = self._sparsify(model)
+            sparsifier = self._sparsifier = self._sparsify_model(model)
         sparsifier.attach_optimizer(kwargs["optimizer"])  # AcceleratedOptimizer
         if self.total_steps is None and self.end_step is None:
             # On resume, the checkpoint's run length: training for more steps
@@ -266,31 +263,6 @@ class SparseTrainingCallback(TrainerCallback):
             self._sparsifier.load_state_dict(saved["sparsifier"])
 
     # -- helpers ------------------------------------------------------------------
-
-    def _sparsify(self, model: nn.Module) -> Sparsifier:
-        total_steps = self.total_steps
-        if total_steps is None and self.end_step is None:
-            # The Trainer knows the run length only inside train():
-            # on_train_begin sets it, before the first step.
-            total_steps = _UNTIL_TRAIN_BEGIN
-        return sparsify(
-            model,
-            None,
-            policy=self.policy,
-            sparsity=self.sparsity,
-            distribution=self.distribution,
-            total_steps=total_steps,
-            update_interval=self.update_interval,
-            drop_fraction=self.drop_fraction,
-            drop_schedule=self.drop_schedule,
-            begin_step=self.begin_step,
-            end_step=self.end_step,
-            include=self.include,
-            exclude=self.exclude,
-            grow_init=self.grow_init,
-            seed=self.seed,
-            execution=self.execution,
-        )
 
 
 def _read(
