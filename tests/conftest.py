@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 import sparsetorch as st
@@ -195,3 +198,15 @@ def exit_worker() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def spawn_ranks(
+    worker: Callable[..., None], out: Path, world: int = 2
+) -> list[dict[str, Any]]:
+    """Run ``worker(rank, port, out)`` in ``world`` processes; load each rank's
+    ``out/rank{r}.pt``. ``port`` is a free loopback port for the process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(port, str(out)), nprocs=world, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]

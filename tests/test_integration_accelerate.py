@@ -11,7 +11,6 @@ process and in 2 processes on gloo.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,11 +18,10 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from conftest import exit_worker
+from conftest import exit_worker, spawn_ranks
 from torch import Tensor, nn
 
 import sparsetorch as st
@@ -210,12 +208,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("accelerate_ddp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(out)), nprocs=2, join=True)
-    found = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    found = spawn_ranks(_ddp_worker, tmp_path_factory.mktemp("accelerate_ddp"))
     assert [r["world"] for r in found] == [2, 2]
     return found
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,8 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-import torch.multiprocessing as mp
 import transformers
-from conftest import exit_worker
+from conftest import exit_worker, spawn_ranks
 from expecttest import assert_expected_inline
 from torch import Tensor
 from transformers import (
@@ -503,12 +501,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("ddp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(out)), nprocs=2, join=True)
-    found = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    found = spawn_ranks(_ddp_worker, tmp_path_factory.mktemp("ddp"))
     assert [r["world"] for r in found] == [2, 2]
     return found
 
