@@ -201,12 +201,28 @@ def exit_worker() -> None:
 
 
 def spawn_ranks(
-    worker: Callable[..., None], out: Path, world: int = 2
+    worker: Callable[[int, str], None], out: Path, world: int = 2
 ) -> list[dict[str, Any]]:
-    """Run ``worker(rank, port, out)`` in ``world`` processes; load each rank's
-    ``out/rank{r}.pt``. ``port`` is a free loopback port for the process group."""
+    """Run ``worker(rank, out)`` in ``world`` processes, each with torchrun's
+    environment variables (a free loopback port) and one thread, and load each
+    rank's ``out/rank{r}.pt``."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(worker, args=(port, str(out)), nprocs=world, join=True)
+    mp.spawn(_as_torchrun, args=(worker, port, str(out), world), nprocs=world)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def _as_torchrun(
+    rank: int, worker: Callable[[int, str], None], port: int, out: str, world: int
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+    )
+    torch.set_num_threads(1)
+    worker(rank, out)

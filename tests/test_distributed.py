@@ -418,6 +418,16 @@ def _guard_inner_module_sparsified(rank: int, out: str) -> dict[str, Any]:
         update_interval=2,
         drop_fraction=0.5,
     )
+    return _train_until_the_guard_stops(ddp, optimizer, sparsifier, rank)
+
+
+def _train_until_the_guard_stops(
+    ddp: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sparsifier: st.Sparsifier,
+    rank: int,
+) -> dict[str, Any]:
+    """Train up to ``STEPS`` steps; the guard's message and the step it stopped at."""
     result: dict[str, Any] = {}
     for step in range(1, STEPS + 1):
         x, y = _local_batch(step, rank)
@@ -436,16 +446,7 @@ def _guard_one_rank_reseeds(rank: int, out: str) -> dict[str, Any]:
     ddp = DDP(model)
     if rank == 1:
         sparsifier.generator.manual_seed(1)
-    result: dict[str, Any] = {}
-    for step in range(1, STEPS + 1):
-        x, y = _local_batch(step, rank)
-        try:
-            train_step(ddp, optimizer, x, y)
-        except RuntimeError as error:
-            result["guard"] = str(error)
-            break
-    result["stopped_at"] = sparsifier.step_count
-    return result
+    return _train_until_the_guard_stops(ddp, optimizer, sparsifier, rank)
 
 
 def _ignored_weight_stays_ignored(rank: int, out: str) -> dict[str, Any]:

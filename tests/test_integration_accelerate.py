@@ -178,16 +178,7 @@ def _after_prepare(rank: int) -> dict[str, Any]:
     }
 
 
-def _ddp_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-        LOCAL_WORLD_SIZE="2",
-    )
-    torch.set_num_threads(1)
+def _ddp_worker(rank: int, out: str) -> None:
     results: dict[str, Any] = {}
     try:
         uninterrupted, resumed = resume_twice(Path(out), gradient_accumulation_steps=2)

@@ -445,16 +445,7 @@ class SparsifyInOnTrainBegin(TrainerCallback):
         )
 
 
-def _ddp_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-        LOCAL_WORLD_SIZE="2",
-    )
-    torch.set_num_threads(1)
+def _ddp_worker(rank: int, out: str) -> None:
     transformers.logging.set_verbosity_error()
     # Each rank initializes its model from another seed: rank 0's must win.
     # DDP's no_sync on accumulation steps, clipping across ranks.
