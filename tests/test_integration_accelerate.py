@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from conftest import exit_worker, spawn_ranks
+from conftest import assert_same, exit_worker, spawn_ranks
 from torch import Tensor, nn
 
 import sparsetorch as st
@@ -100,17 +100,6 @@ def snapshot(run: tuple[Accelerator, nn.Module, Any, Any, st.Sparsifier]) -> Any
     }
 
 
-def assert_identical(a: Any, b: Any, where: str = "") -> None:
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_identical(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, Tensor):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b, where
-
-
 def resume_twice(tmp: Path, **args: Any) -> tuple[Any, Any]:
     """(uninterrupted, resumed from the state saved after step SAVE_AT)."""
     run = build(**args)
@@ -131,7 +120,7 @@ def resume_twice(tmp: Path, **args: Any) -> tuple[Any, Any]:
 def test_save_state_load_state_resumes_bit_exact(tmp_path: Path, args: Any):
     uninterrupted, resumed = resume_twice(tmp_path, **args)
     assert uninterrupted["steps"] == [STEPS, 2]
-    assert_identical(resumed, uninterrupted)
+    assert_same(resumed, uninterrupted)
 
 
 def test_sparsify_after_prepare_attaches_the_inner_optimizer():
@@ -214,12 +203,12 @@ def _scenario(ranks: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
 def test_ddp_ranks_identical_and_resume_bit_exact(ranks: list[dict[str, Any]]):
     first, second = _scenario(ranks, "resume")
     assert first["uninterrupted"]["steps"] == [STEPS, 2]
-    assert_identical(first["uninterrupted"], second["uninterrupted"])
-    assert_identical(first["resumed"], second["resumed"])
-    assert_identical(first["resumed"], first["uninterrupted"])
+    assert_same(first["uninterrupted"], second["uninterrupted"])
+    assert_same(first["resumed"], second["resumed"])
+    assert_same(first["resumed"], first["uninterrupted"])
 
 
 def test_ddp_sparsify_after_prepare_keeps_ranks_identical(ranks: list[dict[str, Any]]):
     first, second = _scenario(ranks, "after_prepare")
     assert first["steps"] == [4, 2]
-    assert_identical(first, second)
+    assert_same(first, second)

@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import check_invariants, exit_worker
+from conftest import assert_same, check_invariants, exit_worker
 from expecttest import assert_expected_inline
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
@@ -98,23 +98,6 @@ def sparse(**kwargs: Any) -> SparseTraining:
     kwargs.setdefault("update_interval", 4)
     kwargs.setdefault("drop_schedule", "constant")
     return SparseTraining(**kwargs)
-
-
-def assert_same(a: Any, b: Any, where: str = "") -> None:
-    """Equal nested dicts / lists, tensors bit-equal (``torch.equal``)."""
-    if isinstance(a, Tensor):
-        assert isinstance(b, Tensor) and a.dtype == b.dtype, where
-        assert torch.equal(a, b), where
-    elif isinstance(a, Mapping):
-        assert isinstance(b, Mapping) and list(a) == list(b), (where, list(a), list(b))
-        for key in a:
-            assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, (where, a, b)
 
 
 def final_state(

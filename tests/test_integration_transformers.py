@@ -16,7 +16,7 @@ import pytest
 import safetensors.torch
 import torch
 import transformers
-from conftest import exit_worker, spawn_ranks
+from conftest import assert_same, exit_worker, spawn_ranks
 from expecttest import assert_expected_inline
 from torch import Tensor
 from transformers import (
@@ -128,17 +128,6 @@ def snapshot(
     }
 
 
-def assert_identical(a: Any, b: Any, where: str = "") -> None:
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_identical(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, Tensor):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b, where
-
-
 def check_masked(model: GPT2LMHeadModel, trainer: Trainer, sparsifier: Any) -> None:
     """Weights and every optimizer state tensor are zero outside the masks."""
     optimizer = trainer.optimizer
@@ -198,7 +187,7 @@ def test_tie_weights_and_resize_token_embeddings_work_after_sparsify(make: Any):
     assert tuple(head.weight.shape) == (120, 32)
     ids = torch.randint(0, 120, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()  # trains with the new vocab
-    assert_identical(dict(sparsifier.masks), masks)
+    assert_same(dict(sparsifier.masks), masks)
 
 
 def test_including_a_tied_embedding_of_a_hf_model_raises_before_any_change():
@@ -212,7 +201,7 @@ def test_including_a_tied_embedding_of_a_hf_model_raises_before_any_change():
 Cannot sparsify ['lm_head.weight', 'transformer.wte.weight']: an input embedding tied to an output layer (lm_head.weight = transformer.wte.weight), in a model with tie_weights().
 The model re-ties them by assignment (tie_weights(), resize_token_embeddings()), which a sparsified weight cannot take. Leave them dense: exclude=['lm_head.weight', 'transformer.wte.weight']; or untie them before building the model (config.tie_word_embeddings=False).""",
     )
-    assert_identical({k: v for k, v in model.state_dict().items()}, before)
+    assert_same({k: v for k, v in model.state_dict().items()}, before)
     assert not any(hasattr(m, "parametrizations") for m in model.modules())
 
 
@@ -263,8 +252,8 @@ def test_from_pretrained_then_sparsify_then_load_state_keeps_every_weight(
     sparsifier.load_state_dict(
         torch.load(tmp_path / "sparsifier.pt", weights_only=True)
     )
-    assert_identical(dict(loaded.state_dict()), trained["weights"])
-    assert_identical(dict(sparsifier.masks), trained["masks"])
+    assert_same(dict(loaded.state_dict()), trained["weights"])
+    assert_same(dict(sparsifier.masks), trained["masks"])
 
 
 # -- the Trainer callback ---------------------------------------------------------
@@ -276,7 +265,7 @@ def test_resume_from_checkpoint_is_bit_exact(finished: dict[str, Any], tmp_path:
     assert (finished["out"] / "checkpoint-8" / SPARSIFIER_NAME).is_file()
     out = resumable(finished, tmp_path)
     model, trainer, callback = fit(out, resume=str(out / "checkpoint-8"))
-    assert_identical(snapshot(model, trainer, callback), uninterrupted)
+    assert_same(snapshot(model, trainer, callback), uninterrupted)
     check_masked(model, trainer, callback.sparsifier)
 
 
@@ -287,7 +276,7 @@ def test_resume_with_accumulation_clipping_and_bf16_is_bit_exact(tmp_path: Path)
     model, trainer, callback = fit(
         tmp_path, resume=str(tmp_path / "checkpoint-8"), **args
     )
-    assert_identical(snapshot(model, trainer, callback), uninterrupted)
+    assert_same(snapshot(model, trainer, callback), uninterrupted)
     check_masked(model, trainer, callback.sparsifier)
 
 
@@ -297,7 +286,7 @@ def test_callback_added_after_init_resumes_bit_exact(
     """trainer.add_callback: the trained weights load before sparsify."""
     out = resumable(finished, tmp_path)
     run = fit(out, resume=str(out / "checkpoint-8"), late=True, seed=1)
-    assert_identical(snapshot(*run), finished["snapshot"])
+    assert_same(snapshot(*run), finished["snapshot"])
 
 
 def test_model_init_sparsifies_the_model_that_train_builds(tmp_path: Path):
@@ -324,7 +313,7 @@ def test_resume_true_finds_the_last_checkpoint(
 ):
     out = resumable(finished, tmp_path)
     shutil.rmtree(out / "checkpoint-12")
-    assert_identical(snapshot(*fit(out, resume=True)), finished["snapshot"])
+    assert_same(snapshot(*fit(out, resume=True)), finished["snapshot"])
 
 
 def test_activation_checkpointing_trains_the_same_run(
@@ -333,7 +322,7 @@ def test_activation_checkpointing_trains_the_same_run(
     """The recomputed forward reads the masked weights again: same run, bit for bit."""
     run = fit(tmp_path, save_strategy="no", activation_checkpointing=True)
     assert run[0].is_activation_checkpointing
-    assert_identical(snapshot(*run), finished["snapshot"])
+    assert_same(snapshot(*run), finished["snapshot"])
 
 
 def test_run_length_comes_from_the_trainer(finished: dict[str, Any]):
@@ -370,10 +359,10 @@ def test_load_best_model_at_end_restores_the_best_checkpoints_masks(tmp_path: Pa
         saved["sparsifier"]["step"],
         saved["sparsifier"]["updates"],
     )
-    assert_identical(state["masks"], saved["sparsifier"]["masks"])
+    assert_same(state["masks"], saved["sparsifier"]["masks"])
     weights = safetensors.torch.load_file(Path(best) / "model.safetensors")
     current = model.state_dict()
-    assert_identical({k: current[k] for k in weights}, weights)
+    assert_same({k: current[k] for k in weights}, weights)
     check_masked(model, trainer, sparsifier)
 
 
@@ -423,7 +412,7 @@ def test_sparsify_with_the_accelerated_optimizer_leaves_the_model_unchanged_on_e
     try:
         sparsifier = st.sparsify(model, optimizer, policy="static")
     except (TypeError, ValueError, RuntimeError):
-        assert_identical(dict(model.state_dict()), before)
+        assert_same(dict(model.state_dict()), before)
         assert not any(hasattr(m, "parametrizations") for m in model.modules())
     else:
         assert sparsifier.optimizer is optimizer.optimizer
@@ -500,9 +489,9 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 def test_ddp_ranks_identical_and_resume_bit_exact(ranks: list[dict[str, Any]]):
     first, second = ranks
     assert first["uninterrupted"]["steps"] == (STEPS, 4)
-    assert_identical(first["uninterrupted"], second["uninterrupted"])
-    assert_identical(first["resumed"], second["resumed"])
-    assert_identical(first["resumed"], first["uninterrupted"])
+    assert_same(first["uninterrupted"], second["uninterrupted"])
+    assert_same(first["resumed"], second["resumed"])
+    assert_same(first["resumed"], first["uninterrupted"])
 
 
 def test_ddp_sparsify_in_a_users_on_train_begin_stops_with_a_clear_error(
