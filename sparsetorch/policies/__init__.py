@@ -2,18 +2,22 @@
 
 from sparsetorch.policies.base import (
     POLICIES,
+    CountContext,
     Policy,
     make_policy,
     register_policy,
     update_mask,
 )
+from sparsetorch.policies.gmp import GMP
 from sparsetorch.policies.rigl import RigL
 from sparsetorch.policies.set import SET
 from sparsetorch.policies.static import Static
 
 __all__ = [
+    "GMP",
     "POLICIES",
     "SET",
+    "CountContext",
     "Policy",
     "RigL",
     "Static",

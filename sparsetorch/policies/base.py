@@ -20,13 +20,18 @@ Write your own policy by subclassing :class:`Policy`::
 
 from __future__ import annotations
 
+import contextvars
 import types
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from sparsetorch.schedule import Schedule
+    from sparsetorch.structure import Layout
 
 _np: types.ModuleType | None
 try:
@@ -36,7 +41,14 @@ except ImportError:  # pragma: no cover - torch works without numpy
 
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 
-__all__ = ["POLICIES", "Policy", "make_policy", "register_policy", "update_mask"]
+__all__ = [
+    "POLICIES",
+    "CountContext",
+    "Policy",
+    "make_policy",
+    "register_policy",
+    "update_mask",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,10 +60,15 @@ class Policy:
             does sparsetorch capture it (at the step before an update).
         dynamic: whether the policy ever changes a mask. A static policy needs
             no ``total_steps``.
+        dense_grad_every_step: whether the policy reads the dense gradient of
+            every step, not only the step before an update (SNFS folds each
+            one into a running average: :meth:`accumulate_grad`). Then the
+            dense gradient is captured in every backward pass.
     """
 
     needs_grad: ClassVar[bool] = False
     dynamic: ClassVar[bool] = True
+    dense_grad_every_step: ClassVar[bool] = False
 
     def drop_score(self, weight: Tensor, mask: Tensor) -> Tensor:
         """Score active weights; the lowest are dropped. Default: ``|weight|``.
@@ -89,6 +106,96 @@ class Policy:
             first), so return a new tensor, not one you keep.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement grow_score().")
+
+    def initial_sparsities(self, sparsities: Mapping[str, float]) -> dict[str, float]:
+        """The sparsity of each tensor's initial (random) mask.
+
+        Args:
+            sparsities: ``tensor_fqn -> sparsity`` as allocated: the run's target.
+
+        Returns:
+            ``tensor_fqn -> sparsity`` of the mask drawn at ``sparsify``.
+            Default: the allocated sparsities (the run starts at its target).
+            A dense-to-sparse policy (GMP) starts lower; SNIP starts dense.
+        """
+        return dict(sparsities)
+
+    def update_counts(self, context: CountContext) -> dict[str, tuple[int, int]]:
+        """How many weights each tensor drops and grows in this update.
+
+        Args:
+            context: the step, the drop fraction and the per-tensor counts.
+
+        Returns:
+            ``tensor_fqn -> (n_drop, n_grow)``; a tensor left out keeps its
+            mask. Default: ``int(active * drop_fraction)`` dropped and as many
+            grown, for every tensor not in ``context.skip``.
+        """
+        fraction = context.drop_fraction
+        return {
+            fqn: (int(n * fraction), int(n * fraction))
+            for fqn, n in context.active.items()
+            if fqn not in context.skip
+        }
+
+    def active_counts_at(self, context: CountContext) -> dict[str, int]:
+        """The active count of each tensor the schedule holds after ``context.step``.
+
+        Default: the current counts (a policy that drops and grows as many
+        keeps them). GMP returns its cubic schedule.
+        """
+        return dict(context.active)
+
+    def accumulate_grad(self, running: Tensor | None, grad: Tensor) -> Tensor:
+        """Fold one step's dense gradient into the running signal of one tensor.
+
+        Called after every optimizer step for policies with
+        :attr:`dense_grad_every_step`; the result is kept by the sparsifier
+        (and in its checkpoints) and passed to :meth:`grow_score` as ``grad``.
+
+        Args:
+            running: the signal so far (``None`` before the first gradient);
+                it may be updated in place and returned.
+            grad: this step's dense gradient (do not keep it: it is released).
+
+        Returns:
+            The new running signal.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} sets dense_grad_every_step and must implement "
+            "accumulate_grad()."
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class CountContext:
+    """What a policy reads to decide per-tensor counts (:meth:`Policy.update_counts`).
+
+    Attributes:
+        step: the optimizer step (the update runs right after it).
+        schedule: the sparsifier's schedule (when updates happen).
+        numels: ``tensor_fqn -> number of elements``.
+        sparsities: ``tensor_fqn -> sparsity`` as allocated (the target).
+        targets: ``tensor_fqn -> active count`` as allocated (the target).
+        active: ``tensor_fqn -> active count`` now.
+        drop_fraction: the schedule's drop fraction at ``step``.
+        masks: ``tensor_fqn -> mask`` before the update (empty outside one).
+        signals: ``tensor_fqn -> the tensor passed to grow_score as grad``
+            (the dense gradient, or the running signal of a policy with
+            ``dense_grad_every_step``; empty outside an update).
+        skip: tensors that sit this update out (no gradient, or frozen).
+    """
+
+    step: int
+    schedule: Schedule
+    numels: Mapping[str, int]
+    sparsities: Mapping[str, float]
+    targets: Mapping[str, int]
+    active: Mapping[str, int]
+    drop_fraction: float = 0.0
+    masks: Mapping[str, Tensor] = field(default_factory=dict)
+    signals: Mapping[str, Tensor | None] = field(default_factory=dict)
+    skip: frozenset[str] = frozenset()
 
 
 POLICIES: dict[str, type[Policy]] = {}
@@ -238,11 +345,12 @@ def update_mask(
     generator: torch.Generator,
     *,
     n_active: int | None = None,
+    n_grow: int | None = None,
 ) -> Tensor:
-    """Compute the mask after one update: drop ``n_drop`` active, grow ``n_drop``.
+    """Compute the mask after one update: drop ``n_drop`` active, grow ``n_grow``.
 
     The ``n_drop`` active weights of lowest :meth:`~Policy.drop_score` are
-    dropped; then the ``n_drop`` positions of highest :meth:`~Policy.grow_score`
+    dropped; then the ``n_grow`` positions of highest :meth:`~Policy.grow_score`
     among all positions not kept (including the ones just dropped) are grown.
     Ties at either cut are drawn with ``generator``. The work is one top-k over
     the active weights and one over the candidates for growth; no permutation of
@@ -258,9 +366,12 @@ def update_mask(
         generator: CPU generator for tie-breaking and random growth.
         n_active: the number of active weights in ``mask``, when the caller
             knows it (it saves a device sync). Default: ``None`` (counted).
+        n_grow: how many positions to grow; at most the number of positions
+            not kept. Default: ``None`` (``n_drop``: the count stays).
 
     Returns:
-        A new bool mask with exactly as many active weights as ``mask``.
+        A new bool mask with ``n_grow - n_drop`` more active weights than
+        ``mask`` (exactly as many by default).
 
     Raises:
         FloatingPointError: a score read by the update is NaN or infinite.
@@ -275,7 +386,7 @@ def update_mask(
         tensor([ True, False,  True, False,  True])
     """
     return _update_mask(
-        policy, weight, mask, grad, n_drop, generator, n_active=n_active
+        policy, weight, mask, grad, n_drop, generator, n_active=n_active, n_grow=n_grow
     )[0]
 
 
@@ -290,15 +401,29 @@ def _update_mask(
     n_active: int | None = None,
     active: Tensor | None = None,
     positions: bool = False,
+    structure: Layout | None = None,
+    n_grow: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`update_mask`, given and giving the sorted active positions.
 
     ``active``: the sorted flat positions of ``mask``'s active entries, when the
     caller knows them (sparse execution keeps them); else they are searched.
     With ``positions``, also returns the new mask's sorted active positions
-    (else ``None``).
+    (else ``None``). ``structure``: the tensor's
+    :class:`~sparsetorch.structure.Layout`, whose groups the update keeps
+    (:func:`sparsetorch.structure.update_structured`). Default: ``None``
+    (unstructured). ``n_grow``: as in :func:`update_mask`.
     """
-    if n_drop == 0:
+    if structure is not None and n_drop > 0:
+        from sparsetorch.structure import update_structured
+
+        new = update_structured(
+            policy, weight, mask, grad, n_drop, generator, structure
+        )
+        return new, _nonzero(new.flatten()) if positions else None
+    if n_grow is None:
+        n_grow = n_drop
+    if n_drop == 0 and n_grow == 0:
         new = mask.clone()
         return new, _nonzero(new.flatten()) if positions else None
     name = type(policy).__name__
@@ -316,11 +441,14 @@ def _update_mask(
         drop = policy.drop_score(weight, mask).flatten()[active]
     _check_finite(drop, "drop", name)
     kept = active[_top(drop, active.numel() - n_drop, generator)]
-    grow = policy.grow_score(weight, mask, grad, generator).flatten()
-    if not grow.is_floating_point() or _shares_memory(grow, weight, mask, grad):
-        grow = grow.float() if not grow.is_floating_point() else grow.clone()
-    _check_finite(grow, "grow", name, skip=kept)
-    grown = _top(grow.index_fill_(0, kept, float("-inf")), n_drop, generator)
+    if n_grow == 0:  # pruning only (GMP): no growth scores are read or drawn
+        grown = kept.new_empty(0)
+    else:
+        grow = policy.grow_score(weight, mask, grad, generator).flatten()
+        if not grow.is_floating_point() or _shares_memory(grow, weight, mask, grad):
+            grow = grow.float() if not grow.is_floating_point() else grow.clone()
+        _check_finite(grow, "grow", name, skip=kept)
+        grown = _top(grow.index_fill_(0, kept, float("-inf")), n_grow, generator)
     new = torch.zeros_like(flat)
     new.index_fill_(0, kept, True)
     new.index_fill_(0, grown, True)
@@ -360,3 +488,34 @@ def _check_finite(
             f"{policy}.{kind}_score gave {count} NaN/inf value(s); the update would "
             "pick them silently."
         )
+
+
+#: ``(flat offset, numel of the whole tensor)`` while an update scores one shard
+#: of an FSDP2-sharded weight (set by ``sparsetorch._fsdp``); ``None`` otherwise.
+SHARD: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+    "sparsetorch_shard", default=None
+)
+
+_RANDOM_CHUNK = 1 << 20
+
+
+def random_scores(weight: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Uniform random scores of ``weight``'s shape, drawn on the CPU.
+
+    Use it in :meth:`Policy.grow_score` for random growth: on a shard of an
+    FSDP2-sharded weight it draws the same numbers the whole tensor would get
+    (the generator's whole stream for the tensor, in chunks, keeping this
+    shard's part), so that the masks are the same at any world size.
+    """
+    shard = SHARD.get()
+    if shard is None:
+        return torch.rand(weight.shape, generator=generator).to(weight.device)
+    offset, total = shard
+    out = torch.empty(weight.numel())
+    end = offset + weight.numel()
+    for start in range(0, total, _RANDOM_CHUNK):
+        chunk = torch.rand(min(_RANDOM_CHUNK, total - start), generator=generator)
+        lo, hi = max(start, offset), min(start + chunk.numel(), end)
+        if lo < hi:
+            out[lo - offset : hi - offset] = chunk[lo - start : hi - start]
+    return out.view(weight.shape).to(weight.device)
