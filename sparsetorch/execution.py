@@ -43,6 +43,7 @@ from torch.autograd import forward_ad
 from torch.autograd.function import FunctionCtx
 from torch.nn.utils import parametrize
 
+from sparsetorch.condensed import CondensedLinear
 from sparsetorch.parametrization import MaskParametrization, _np
 from sparsetorch.policies.base import _nonzero
 from sparsetorch.topology import Topology
@@ -807,7 +808,7 @@ class SparseLinear(nn.Module):
 def export_sparse(
     model: nn.Module, *, execution: str = "auto", batch_size: int = 128
 ) -> nn.Module:
-    """An inference copy of ``model`` whose sparse ``nn.Linear`` layers use CSR weights.
+    """An inference copy of ``model`` whose sparse ``nn.Linear`` layers are compressed.
 
     The copy has no parametrizations or sparsetorch hooks: every masked weight
     is baked in (zeros outside its mask), and each ``nn.Linear`` chosen by
@@ -819,8 +820,12 @@ def export_sparse(
         model: the model to export.
         execution: ``"auto"``: the layers :func:`sparse_is_faster` predicts
             faster at ``batch_size`` rows; ``"sparse"``: every ``nn.Linear`` with
-            at least one zero; ``"mask"``: none (a plain dense copy).
-            Default: ``"auto"``.
+            at least one zero; ``"condensed"``: every ``nn.Linear`` with at
+            least one masked weight (or zero, on a plain model) becomes a
+            :class:`~sparsetorch.condensed.CondensedLinear` (per output unit,
+            its active inputs' positions and values: the layout for
+            constant fan-in layers, ``structure="constant-fan-in"``);
+            ``"mask"``: none (a plain dense copy). Default: ``"auto"``.
         batch_size: input rows the ``"auto"`` choice assumes. Default: ``128``.
 
     Returns:
@@ -846,7 +851,8 @@ def export_sparse(
         >>> torch.allclose(exported(x), model(x), atol=1e-6)
         True
     """
-    check_execution(execution)
+    if execution != "condensed":
+        check_execution(execution)
     if (
         isinstance(batch_size, bool)
         or not isinstance(batch_size, int)
@@ -854,14 +860,19 @@ def export_sparse(
     ):
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
     copied = copy.deepcopy(model)
+    masks = _weight_masks(copied) if execution == "condensed" else {}
     _strip(copied)
     replaced: dict[str, nn.Module] = {}
     for fqn, module in copied.named_modules():
         if type(module) is not nn.Linear or execution == "mask":
             continue
         weight = module.weight.detach()
-        nnz = int(torch.count_nonzero(weight))
+        mask = masks.get(fqn)
+        nnz = int(torch.count_nonzero(weight) if mask is None else mask.sum())
         if nnz == weight.numel():
+            continue
+        if execution == "condensed":
+            replaced[fqn] = CondensedLinear(weight, module.bias, mask)
             continue
         if execution == "auto" and not (
             weight.dtype in _SUPPORTED_DTYPES
@@ -881,6 +892,21 @@ def export_sparse(
         parent = copied.get_submodule(parent_fqn)
         setattr(parent, name, new)
     return copied.eval()
+
+
+def _weight_masks(model: nn.Module) -> dict[str, Tensor]:
+    """``module_fqn -> mask`` of every masked ``weight`` (the masks, not the
+    nonzeros: a weight grown at zero is still active)."""
+    masks = {}
+    for module_fqn, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            plist = cast(
+                parametrize.ParametrizationList, module.parametrizations.weight
+            )
+            for p in plist:
+                if isinstance(p, MaskParametrization):
+                    masks[module_fqn] = p.mask.clone()
+    return masks
 
 
 def _strip(model: nn.Module) -> None:
