@@ -174,7 +174,7 @@ def test_a_user_policy_works_through_sparsify() -> None:
 
 
 def test_registry_knows_the_builtin_policies() -> None:
-    assert sorted(POLICIES) == ["gmp", "rigl", "set", "static"]
+    assert sorted(POLICIES) == ["gmp", "rigl", "set", "snfs", "snip", "static"]
 
 
 def test_unknown_policy_lists_the_known_ones() -> None:
@@ -184,7 +184,7 @@ def test_unknown_policy_lists_the_known_ones() -> None:
         str(error.value),
         """\
 Unknown policy 'RigL'.
-Known policies: ['gmp', 'rigl', 'set', 'static'], or a Policy object.""",
+Known policies: ['gmp', 'rigl', 'set', 'snfs', 'snip', 'static'], or a Policy object.""",
     )
 
 

@@ -11,12 +11,16 @@ from sparsetorch.policies.base import (
 from sparsetorch.policies.gmp import GMP
 from sparsetorch.policies.rigl import RigL
 from sparsetorch.policies.set import SET
+from sparsetorch.policies.snfs import SNFS
+from sparsetorch.policies.snip import SNIP
 from sparsetorch.policies.static import Static
 
 __all__ = [
     "GMP",
     "POLICIES",
     "SET",
+    "SNFS",
+    "SNIP",
     "CountContext",
     "Policy",
     "RigL",
