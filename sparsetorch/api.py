@@ -269,6 +269,7 @@ def sparsify(
         grow_init=grow_value,
         stash=stash,
         end_step_from_total=end_from_total,
+        total_steps=total_steps,
         skipped={
             **tied,
             **{fqn: "no elements" for fqn in empty},

@@ -22,6 +22,8 @@ from sparsetorch._checkpoint import (
 )
 from sparsetorch._stash import Stash
 from sparsetorch.execution import export_sparse, mask_mode_reasons, set_execution
+from sparsetorch.flops import FlopsReport, SizeRecorder, flops_report
+from sparsetorch.metrics import MaskMetrics, MaskUpdate
 from sparsetorch.parametrization import _mask_
 from sparsetorch.policies.base import Policy, _update_mask
 from sparsetorch.schedule import Schedule
@@ -80,6 +82,8 @@ class Sparsifier:
         end_step_from_total: ``schedule.end_step`` was derived from a
             ``total_steps``, so :meth:`set_total_steps` may move it.
             Default: ``False``.
+        total_steps: optimizer steps in the whole run, when known (for
+            :meth:`flops`). Default: ``None``.
     """
 
     def __init__(
@@ -96,6 +100,7 @@ class Sparsifier:
         skipped: Mapping[str, str] | None = None,
         stash: Stash | None = None,
         end_step_from_total: bool = False,
+        total_steps: int | None = None,
     ) -> None:
         if count_optimizer_steps and optimizer is None:
             raise ValueError("count_optimizer_steps=True needs an optimizer.")
@@ -121,6 +126,13 @@ class Sparsifier:
         self._capture_by_hand = False
         self._counted_by_hand = False  # sparsifier.step() since the last load
         self._stash = Stash() if stash is None else stash
+        #: Optimizer steps in the whole run, when known: :meth:`flops` counts
+        #: training over them. :meth:`set_total_steps` sets it.
+        self.total_steps = total_steps
+        self._sizes = SizeRecorder(topology.model)  # layer sizes, for flops()
+        self._sizes.watch()  # the first training forward; unhooked after it
+        self._flops_shown = False  # summary() shows FLOPs once flops() ran
+        self._mask_metrics = MaskMetrics(topology.masks)
         if optimizer is not None:
             if count_optimizer_steps is None:
                 count_optimizer_steps = True
@@ -494,6 +506,7 @@ class Sparsifier:
             self._stash.clear()
         for fqn in skip:
             self.missed_updates[fqn] = self.missed_updates.get(fqn, 0) + 1
+        self._mask_metrics.record(self.step_count, self.masks, new_masks)
         self.topology.apply(new_masks, self.optimizers, self.grow_init)
         for fqn, found in positions.items():
             if found is not None:
@@ -536,7 +549,15 @@ class Sparsifier:
             "generator": self.generator.get_state(),
             "masks": {fqn: encode_mask(m) for fqn, m in self.masks.items()},
             "settings": self._settings(),
+            **self._metrics_state(),
         }
+
+    def _metrics_state(self) -> dict[str, Any]:
+        """``{"metrics": ...}`` once there is something to keep, else ``{}``."""
+        metrics = self._mask_metrics
+        if metrics.ever is None and not metrics.history:
+            return {}
+        return {"metrics": metrics.state_dict()}
 
     def _settings(self) -> dict[str, Any]:
         return {
@@ -636,6 +657,9 @@ class Sparsifier:
             )
             for fqn, mask in mine.items()
         }
+        metrics = state_dict.get("metrics")
+        if metrics is not None:
+            metrics = self._mask_metrics.check_state(metrics, mine)
         # Everything is checked: from here on state changes.
         self._stash.restore()  # what the masks in place cut since the last write
         with torch.no_grad():
@@ -645,6 +669,7 @@ class Sparsifier:
         self.generator.set_state(generator_state)
         self.step_count = counts["step"]
         self.update_count = counts["updates"]
+        self._mask_metrics.load_checked(metrics, self.masks)
         self._counted_by_hand = False  # a restored count, not one counted here
         self._arm()
 
@@ -688,6 +713,7 @@ class Sparsifier:
         set_execution(self.topology, "mask")
         self.apply_masks()
         self._detach_optimizers()
+        self._sizes.stop()
         self.topology.remove()
         self._removed = True
         _LIVE.discard(self)
@@ -785,12 +811,179 @@ class Sparsifier:
             raise TypeError(f"total_steps must be an int, got {total_steps!r}.")
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}.")
+        self.total_steps = total_steps
         if not self.policy.dynamic or not self._end_from_total:
             return
         schedule = dataclasses.replace(self.schedule, end_step=int(0.75 * total_steps))
         warn_if_never_updates(schedule, f"total_steps={total_steps}", stacklevel=2)
         self.schedule = schedule
         self._arm()
+
+    # -- FLOPs and mask dynamics --------------------------------------------------
+
+    def flops(
+        self, example_input: Any = None, *, total_steps: int | None = None
+    ) -> FlopsReport:
+        """Inference and training FLOPs relative to dense, per layer and in total.
+
+        Follows the accounting of Evci et al. 2020 (see :mod:`sparsetorch.flops`):
+        per example, a sparse forward costs :math:`f_S`, a dense one
+        :math:`f_D`; a training step costs :math:`3 f_S`, or :math:`2 f_S +
+        f_D` when its backward pass keeps the dense gradient (RigL before each
+        update, SNFS at every step until the last update), with the active
+        counts of that step (GMP's follow its schedule from dense). The layer
+        sizes come from one forward pass: the first one in training mode after
+        ``sparsify`` (recorded automatically, then unhooked), or one on
+        ``example_input``. After the first call, :meth:`summary` shows a
+        FLOPs line.
+
+        Args:
+            example_input: the model's input for one forward pass (run in eval
+                mode under ``torch.no_grad()``; the training flags are
+                restored): a tensor ``x`` (``model(x)``), a tuple
+                (``model(*x)``) or a dict (``model(**x)``). Its leading
+                dimension is the batch size the counts are divided by.
+                Default: ``None`` (the recorded training forward).
+            total_steps: optimizer steps of the run to count training over
+                (a longer run, as the paper's "RigL 2x", is more steps).
+                Default: ``None`` (:attr:`total_steps`, from ``sparsify`` or
+                :meth:`set_total_steps`; without it, the training fields of
+                the report are ``None``).
+
+        Returns:
+            A :class:`~sparsetorch.flops.FlopsReport`; ``print`` it for the
+            table.
+
+        Raises:
+            RuntimeError: no forward pass was recorded and no
+                ``example_input`` was given, or the sparsifier was removed.
+            TypeError: ``total_steps`` is not an int.
+            ValueError: ``total_steps < 1``.
+
+        Example::
+
+            >>> import torch
+            >>> import sparsetorch as st
+            >>> model = torch.nn.Sequential(
+            ...     torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+            >>> sparsifier = st.sparsify(model, policy="static", sparsity=0.75,
+            ...                          distribution="uniform")
+            >>> report = sparsifier.flops(torch.randn(2, 8), total_steps=100)
+            >>> report.inference_ratio, report.training_ratio
+            (0.25, 0.25)
+            >>> print(report)
+            Static, 100 steps (0 with a dense weight gradient), FLOPs per example
+            layer  type    density   inference  x dense    training  x dense
+            0      Linear   0.2500  6.4000e+01   0.2500  1.9200e+04   0.2500
+            2      Linear   0.2500  3.2000e+01   0.2500  9.6000e+03   0.2500
+            total           0.2500  9.6000e+01   0.2500  2.8800e+04   0.2500
+        """
+        self._check_live()
+        if total_steps is not None:
+            if isinstance(total_steps, bool) or not isinstance(total_steps, int):
+                raise TypeError(f"total_steps must be an int, got {total_steps!r}.")
+            if total_steps < 1:
+                raise ValueError(f"total_steps must be >= 1, got {total_steps}.")
+        if example_input is not None:
+            self._sizes.measure(example_input)
+        elif self._sizes.positions is None:
+            raise RuntimeError(
+                "sparsifier.flops() needs the layer sizes of one forward pass, and "
+                "none was recorded yet (sparsetorch records the first forward in "
+                "training mode after sparsify()).\nPass an input: "
+                "sparsifier.flops(example_input=x), or call it after the first "
+                "training step."
+            )
+        self._flops_shown = True
+        return self._flops_report(
+            self.total_steps if total_steps is None else total_steps
+        )
+
+    def _flops_report(self, total_steps: int | None) -> FlopsReport:
+        return flops_report(self, self._sizes, total_steps=total_steps)
+
+    def track_itop(self) -> None:
+        """Track the ITOP rate: the share of masked weights ever active.
+
+        The in-time over-parameterization rate of Liu et al. 2021
+        (https://arxiv.org/abs/2102.02887) needs the union of all masks so
+        far: one more bool per masked weight, as much memory as the masks, so
+        it is opt-in. The union starts from the current masks (call this
+        before training for the run's rate), is updated at every topology
+        update, saved in :meth:`state_dict` and restored by
+        :meth:`load_state_dict` (which also turns tracking on when the
+        checkpoint has it). Calling it again changes nothing.
+
+        Example::
+
+            >>> import torch
+            >>> import sparsetorch as st
+            >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+            >>> sparsifier = st.sparsify(model, policy="set", sparsity=0.75,
+            ...                          total_steps=100, update_interval=10)
+            >>> sparsifier.track_itop()
+            >>> sparsifier.metrics()["sparsity/itop"]
+            0.25
+        """
+        self._check_live()
+        self._mask_metrics.track_itop(self.masks)
+
+    def metrics(self, *, per_tensor: bool = False) -> dict[str, float]:
+        """Scalars for a logger: sparsity, mask change, updates, ITOP rate.
+
+        * ``sparsity/sparsity``: the fraction of zeros over the masked weights.
+        * ``sparsity/mask_change``: the share of the active weights that the
+          last topology update grew (0 before the first; see
+          :mod:`sparsetorch.metrics`).
+        * ``sparsity/updates``: topology updates so far.
+        * ``sparsity/itop`` (after :meth:`track_itop`): the share of the
+          masked weights active at some point so far.
+
+        Reading them costs a device sync per masked tensor; recording them at
+        each update costs none.
+
+        Args:
+            per_tensor: also ``sparsity/mask_change/<tensor_fqn>`` and
+                ``sparsity/itop/<tensor_fqn>``. Default: ``False``.
+
+        Example::
+
+            >>> import torch
+            >>> import sparsetorch as st
+            >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+            >>> sparsifier = st.sparsify(model, policy="set", sparsity=0.75,
+            ...                          total_steps=100, update_interval=10)
+            >>> for name, value in sparsifier.metrics().items():
+            ...     print(name, value)
+            sparsity/sparsity 0.75
+            sparsity/mask_change 0.0
+            sparsity/updates 0.0
+        """
+        metrics = self._mask_metrics
+        targets = self.topology.targets
+        numel = sum(m.numel() for m in self.masks.values())
+        out = {
+            "sparsity/sparsity": 1.0 - sum(targets.values()) / numel,
+            "sparsity/mask_change": metrics.total_mask_change(),
+            "sparsity/updates": float(self.update_count),
+        }
+        itop = metrics.total_itop()
+        if itop is not None:
+            out["sparsity/itop"] = itop
+        if per_tensor:
+            for fqn, change in metrics.mask_change().items():
+                out[f"sparsity/mask_change/{fqn}"] = change
+            for fqn, rate in (metrics.itop() or {}).items():
+                out[f"sparsity/itop/{fqn}"] = rate
+        return out
+
+    @property
+    def mask_history(self) -> list[MaskUpdate]:
+        """Every topology update so far: step, weights grown, ITOP, oldest first.
+
+        Kept in :meth:`state_dict`, so a resumed run has the whole history.
+        """
+        return self._mask_metrics.history
 
     def summary(self) -> str:
         """A table, one line per tensor: shape, target and actual sparsity, counts.
@@ -843,6 +1036,14 @@ class Sparsifier:
                 f"mask mode: {fqn} ({why})"
                 for fqn, why in mask_mode_reasons(self.topology).items()
             ]
+        if self._flops_shown and self._sizes.positions is not None:
+            lines.append(self._flops_report(self.total_steps).summary_line())
+        itop = self._mask_metrics.total_itop()
+        if itop is not None:
+            lines.append(
+                f"mask dynamics: {self.update_count} update(s), last mask change "
+                f"{self._mask_metrics.total_mask_change():.4f}, ITOP rate {itop:.4f}"
+            )
         return "\n".join(lines)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Sparsifier:

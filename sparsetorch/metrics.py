@@ -1,0 +1,274 @@
+r"""Mask dynamics: how much each topology update changes, and the ITOP rate.
+
+The :class:`~sparsetorch.Sparsifier` records every update right before it
+writes the new masks:
+
+* **mask change**: the share of the active weights that the update grew (active
+  after it, not before), per tensor and over all masked tensors:
+
+  .. math::
+      \text{change} = \frac{\sum_l |M_l^{new} \setminus M_l^{old}|}
+                           {\sum_l |M_l^{new}|}
+
+* **ITOP rate** (in-time over-parameterization, Liu et al. 2021,
+  https://arxiv.org/abs/2102.02887): the share of the masked tensors' weights
+  that have been active at some point of the run,
+
+  .. math::
+      R = \frac{\sum_l |\bigcup_t M_l^t|}{\sum_l N_l}
+
+  It keeps one more bool per masked weight (the union of all masks), so it is
+  opt-in: :meth:`~sparsetorch.Sparsifier.track_itop`. The union is saved in
+  :meth:`~sparsetorch.Sparsifier.state_dict` and restored on load.
+
+Counts are kept as tensors until read, so recording adds no device sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sparsetorch._checkpoint import decode_mask, encode_mask
+
+__all__ = ["MaskMetrics", "MaskUpdate"]
+
+_Count = Tensor | int
+
+
+@dataclass(frozen=True)
+class MaskUpdate:
+    """One recorded topology update, over all masked tensors.
+
+    Attributes:
+        step: the optimizer step after which it ran.
+        grown: weights active after the update and not before.
+        active: active weights after the update.
+        ever_active: weights active at some point so far, or ``None`` when
+            ITOP is not tracked.
+        numel: weights of the masked tensors.
+    """
+
+    step: int
+    grown: int
+    active: int
+    ever_active: int | None
+    numel: int
+
+    @property
+    def mask_change(self) -> float:
+        """``grown / active``."""
+        return self.grown / self.active if self.active else 0.0
+
+    @property
+    def itop(self) -> float | None:
+        """``ever_active / numel``, or ``None`` when ITOP is not tracked."""
+        if self.ever_active is None:
+            return None
+        return self.ever_active / self.numel
+
+
+class MaskMetrics:
+    """Mask change per update and the ITOP rate of one sparsifier's masks.
+
+    Args:
+        masks: ``tensor_fqn -> mask``, the live masks.
+    """
+
+    def __init__(self, masks: Mapping[str, Tensor]) -> None:
+        self.numel = {fqn: mask.numel() for fqn, mask in masks.items()}
+        #: ``tensor_fqn -> union of every mask so far`` when ITOP is tracked.
+        self.ever: dict[str, Tensor] | None = None
+        self._last: dict[str, tuple[_Count, _Count]] = {}
+        self._history: list[tuple[int, dict[str, tuple[_Count, _Count]], Any]] = []
+
+    # -- recording ----------------------------------------------------------------
+
+    def track_itop(self, masks: Mapping[str, Tensor]) -> None:
+        """Start the union of masks from ``masks`` (no-op if already tracking)."""
+        if self.ever is None:
+            self.ever = {fqn: mask.detach().clone() for fqn, mask in masks.items()}
+
+    @torch.no_grad()
+    def record(
+        self,
+        step: int,
+        old: Mapping[str, Tensor],
+        new: Mapping[str, Tensor],
+        reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        """Record an update from the masks before (``old``) and the changed ones.
+
+        Args:
+            step: the step the update runs after.
+            old: every ``tensor_fqn -> mask`` before the update.
+            new: ``tensor_fqn -> new mask`` of the tensors the update changes
+                (the others keep their masks).
+            reduce: sums a tensor of counts over ranks, when the masks are
+                FSDP2 shards (``old`` and ``new`` then hold this rank's shards).
+        """
+        counts: dict[str, tuple[_Count, _Count]] = {}
+        for fqn, before in old.items():
+            after = new.get(fqn)
+            if after is None:
+                counts[fqn] = (0, before.sum())
+                continue
+            counts[fqn] = ((after & ~before).sum(), after.sum())
+            if self.ever is not None:
+                self.ever[fqn] |= after
+        ever = None
+        if self.ever is not None:
+            ever = [e.sum() for e in self.ever.values()]
+        if reduce is not None:  # shards: one collective for every count
+            flat = [c for pair in counts.values() for c in pair] + (ever or [])
+            summed = iter(
+                reduce(torch.stack([torch.as_tensor(c) for c in flat]).long()).tolist()
+            )
+            counts = {fqn: (next(summed), next(summed)) for fqn in counts}
+            ever = None if ever is None else [next(summed) for _ in ever]
+        self._last = counts
+        self._history.append((step, counts, ever))
+
+    # -- reading ------------------------------------------------------------------
+
+    @property
+    def history(self) -> list[MaskUpdate]:
+        """Every recorded update, oldest first."""
+        numel = sum(self.numel.values())
+        out = []
+        for i, (step, counts, ever) in enumerate(self._history):
+            grown = sum(int(g) for g, _ in counts.values())
+            active = sum(int(a) for _, a in counts.values())
+            total = None if ever is None else sum(int(e) for e in ever)
+            # Keep ints from now on: reading twice costs nothing.
+            self._history[i] = (
+                step,
+                {f: (int(g), int(a)) for f, (g, a) in counts.items()},
+                None if ever is None else [total],
+            )
+            out.append(MaskUpdate(step, grown, active, total, numel))
+        return out
+
+    def mask_change(self) -> dict[str, float]:
+        """``tensor_fqn -> share grown`` by the last update (0 before any)."""
+        return {
+            fqn: (int(g) / int(a) if int(a) else 0.0)
+            for fqn, (g, a) in self._last.items()
+        } or dict.fromkeys(self.numel, 0.0)
+
+    def total_mask_change(self) -> float:
+        """The share of all active weights grown by the last update (0 before any)."""
+        grown = sum(int(g) for g, _ in self._last.values())
+        active = sum(int(a) for _, a in self._last.values())
+        return grown / active if active else 0.0
+
+    def itop(self) -> dict[str, float] | None:
+        """``tensor_fqn -> ITOP rate``, or ``None`` when not tracked."""
+        if self.ever is None:
+            return None
+        return {fqn: int(e.sum()) / e.numel() for fqn, e in self.ever.items()}
+
+    def total_itop(self) -> float | None:
+        """The ITOP rate over all masked tensors, or ``None`` when not tracked."""
+        if self.ever is None:
+            return None
+        ever = sum(int(e.sum()) for e in self.ever.values())
+        return ever / sum(self.numel.values())
+
+    # -- checkpoints --------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data: the history, the last update's counts, the union masks."""
+        history = self.history  # materialises the counts
+        state: dict[str, Any] = {
+            "history": [
+                [
+                    u.step,
+                    u.grown,
+                    u.active,
+                    -1 if u.ever_active is None else u.ever_active,
+                ]
+                for u in history
+            ],
+            "last": {fqn: [int(g), int(a)] for fqn, (g, a) in self._last.items()},
+        }
+        if self.ever is not None:
+            state["ever_active"] = {fqn: encode_mask(e) for fqn, e in self.ever.items()}
+        return state
+
+    def check_state(self, state: object, masks: Mapping[str, Tensor]) -> dict[str, Any]:
+        """Check a :meth:`state_dict` against ``masks``; return it decoded.
+
+        Nothing changes. Raises :class:`ValueError` / :class:`TypeError`
+        naming what does not fit.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                "The sparsifier checkpoint's 'metrics' must be a dict, got "
+                f"{type(state).__name__}."
+            )
+        history = state.get("history", [])
+        if not isinstance(history, list) or not all(
+            isinstance(row, (list, tuple))
+            and len(row) == 4
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in row)
+            for row in history
+        ):
+            raise ValueError(
+                "The sparsifier checkpoint's metrics history must be a list of "
+                "[step, grown, active, ever_active] ints."
+            )
+        last = state.get("last", {})
+        if not isinstance(last, Mapping) or not set(last) <= set(masks):
+            raise ValueError(
+                "The sparsifier checkpoint's metrics name tensors this sparsifier "
+                f"does not have: {last!r}."
+            )
+        ever = state.get("ever_active")
+        decoded = None
+        if ever is not None:
+            if not isinstance(ever, Mapping) or set(ever) != set(masks):
+                raise ValueError(
+                    "The sparsifier checkpoint's ITOP masks ('ever_active') do not "
+                    f"name this sparsifier's tensors {sorted(masks)}."
+                )
+            decoded = {}
+            for fqn, mask in masks.items():
+                entry = ever[fqn]
+                target = entry.get("active", -1) if isinstance(entry, Mapping) else -1
+                if isinstance(target, bool) or not isinstance(target, int):
+                    target = -1
+                decoded[fqn] = decode_mask(
+                    entry, f"ever_active[{fqn!r}]", tuple(mask.shape), target
+                )
+        return {"history": history, "last": dict(last), "ever": decoded}
+
+    def load_checked(
+        self, state: Mapping[str, Any] | None, masks: Mapping[str, Tensor]
+    ) -> None:
+        """Restore what :meth:`check_state` returned (``None``: an old checkpoint).
+
+        A checkpoint without ITOP masks restarts the union from ``masks`` when
+        ITOP is tracked; one with them turns tracking on.
+        """
+        if state is None:
+            self._history, self._last = [], {}
+            if self.ever is not None:
+                self.ever = {f: m.detach().clone() for f, m in masks.items()}
+            return
+        self._history = [
+            (step, {"": (grown, active)}, None if ever < 0 else [ever])
+            for step, grown, active, ever in state["history"]
+        ]
+        self._last = {fqn: (int(g), int(a)) for fqn, (g, a) in state["last"].items()}
+        if state["ever"] is not None:
+            self.ever = {
+                fqn: state["ever"][fqn].to(mask.device) | mask
+                for fqn, mask in masks.items()
+            }
+        elif self.ever is not None:
+            self.ever = {f: m.detach().clone() for f, m in masks.items()}
