@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from sparsetorch._stash import Stash
-from sparsetorch.parametrization import _mask_
+from sparsetorch.parametrization import _mask_, local
 
 __all__ = [
     "INITIAL_STATE",
@@ -99,9 +99,11 @@ def reset_state(
         return
     if group is None:
         group = param_groups_of(optimizer)[id(param)]
+    keep = local(keep)  # FSDP2: the shards of the state, masked with the mask's
     for key, value in state.items():
         if not isinstance(value, Tensor) or value.shape != param.shape:
             continue
+        value = local(value)
         initial = INITIAL_STATE.get((type(optimizer), key))
         reset: Callable[[], Any]
         if initial is not None:

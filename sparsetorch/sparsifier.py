@@ -6,14 +6,14 @@ import dataclasses
 import math
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from sparsetorch import _distributed, _optim
+from sparsetorch import _distributed, _fsdp, _optim
 from sparsetorch._checkpoint import (
     FORMAT_VERSION,
     READABLE_VERSIONS,
@@ -24,9 +24,11 @@ from sparsetorch._stash import Stash
 from sparsetorch.execution import export_sparse, mask_mode_reasons, set_execution
 from sparsetorch.flops import FlopsReport, SizeRecorder, flops_report
 from sparsetorch.metrics import MaskMetrics, MaskUpdate
-from sparsetorch.parametrization import _mask_
-from sparsetorch.policies.base import Policy, _update_mask
+from sparsetorch.parametrization import _mask_, local
+from sparsetorch.policies.base import CountContext, Policy, _top, _update_mask
+from sparsetorch.policies.snip import SNIP
 from sparsetorch.schedule import Schedule
+from sparsetorch.structure import check_loaded_mask, structure_settings
 from sparsetorch.topology import Topology
 
 __all__ = ["Sparsifier"]
@@ -117,7 +119,16 @@ class Sparsifier:
         self.execution = "mask"
         #: ``tensor_fqn -> updates it sat out`` for want of a gradient.
         self.missed_updates: dict[str, int] = {}
+        #: ``tensor_fqn -> running signal`` of a policy with
+        #: ``dense_grad_every_step`` (SNFS: the momentum of the dense gradient),
+        #: folded after every step and passed to its ``grow_score``.
+        self.signals: dict[str, Tensor] = {}
+        #: Whether :meth:`prune_at_init` chose the masks (SNIP).
+        self.pruned_at_init = False
         self._removed = False
+        #: Whether FSDP2 sharded the weights (``fully_shard`` after ``sparsify``):
+        #: the masks are then DTensors sharded like them.
+        self.sharded = False
         self._end_from_total = end_step_from_total
         self._attached: dict[int, _Attached] = {}
         self._unrelated: weakref.WeakKeyDictionary[torch.optim.Optimizer, int] = (
@@ -271,6 +282,7 @@ class Sparsifier:
     def _before_optimizer_step(
         self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
     ) -> None:
+        self._check_pruned_at_init()
         if self._stash:
             self._stash.clear()  # training moves on: nothing to restore any more
 
@@ -303,6 +315,7 @@ class Sparsifier:
 
     def _adopt(self, optimizer: torch.optim.Optimizer) -> None:
         """Attach ``optimizer`` if it steps masked weights (global pre-hook)."""
+        self._sync_sharding()
         if id(optimizer) in self._attached:
             return
         count = sum(len(g["params"]) for g in optimizer.param_groups)
@@ -350,13 +363,25 @@ class Sparsifier:
                 "twice.\nRemove the sparsifier.step() call: optimizer.step() "
                 "advances the sparsifier."
             )
+        self._check_pruned_at_init()
         self._counted_by_hand = True
         return self._count()
+
+    def _check_pruned_at_init(self) -> None:
+        if isinstance(self.policy, SNIP) and not self.pruned_at_init:
+            raise RuntimeError(
+                "SNIP chooses its masks from data before training, and the model "
+                "is still dense.\nCall sparsifier.prune_at_init(loss_fn, batches) "
+                "before the first optimizer step, e.g. sparsifier.prune_at_init("
+                "lambda b: F.cross_entropy(model(b[0]), b[1]), [next(iter(loader))])."
+            )
 
     def _count(self) -> bool:
         if self._stash:
             self._stash.clear()  # training moves on: nothing to restore any more
         self.step_count += 1
+        if self.policy.dense_grad_every_step:
+            self._fold_dense_grads()
         updated = False
         if self.policy.dynamic and self.schedule.is_update_step(self.step_count):
             updated = self.update()
@@ -378,6 +403,10 @@ class Sparsifier:
         """
         capture = self.policy.needs_grad and (
             self._capture_by_hand
+            or (
+                self.policy.dense_grad_every_step
+                and self.next_update_step() is not None
+            )
             or (
                 self.policy.dynamic
                 and any(
@@ -421,6 +450,154 @@ class Sparsifier:
         self._capture_by_hand = True
         self._arm()
 
+    def prune_at_init(
+        self, loss_fn: Callable[[Any], Tensor], batches: Iterable[Any]
+    ) -> None:
+        r"""Choose SNIP's masks from the connection sensitivity ``|w * dL/dw|``.
+
+        Lee et al. 2019 (https://arxiv.org/abs/1810.02340). Runs
+        ``loss_fn(batch)`` and its gradient for every batch of ``batches``
+        (summing the gradients: several batches act as one larger one), then
+        keeps the weights of highest sensitivity: the top ``K`` over all
+        tensors with ``SNIP(global_threshold=True)`` (``K`` = the total active
+        count the distribution allocates), else each tensor's allocated count.
+        Ties are drawn with the sparsifier's generator. The weights and
+        optimizer state outside the masks are zeroed, as at any update; the
+        masks then stay fixed. Call it once, after ``sparsify`` and before
+        the first optimizer step. ``.grad`` and the model's buffers (BatchNorm
+        statistics) are left as they were; the model stays in its mode
+        (``train()`` or ``eval()``). Under ``torch.distributed`` the gradients
+        are averaged over ranks (each rank may pass its own batches), so every
+        rank chooses the same masks; call it before wrapping the model in
+        ``DistributedDataParallel``, or have ``loss_fn`` call the wrapper's
+        ``.module``.
+
+        Args:
+            loss_fn: maps one batch to a scalar loss, e.g.
+                ``lambda b: F.cross_entropy(model(b[0]), b[1])``.
+            batches: one or more batches (``[next(iter(loader))]``).
+
+        Raises:
+            RuntimeError: the policy is not :class:`~sparsetorch.policies.SNIP`,
+                the masks were already chosen, training has started, or the
+                weights are sharded.
+            ValueError: ``batches`` is empty, or ``loss_fn`` gave no scalar.
+
+        A tensor left with no active weight by the global threshold (the
+        "layer collapse" SNIP is known for at extreme sparsity) is kept as
+        the paper has it, with a warning.
+
+        Example::
+
+            >>> import torch
+            >>> import sparsetorch as st
+            >>> model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+            >>> sparsifier = st.sparsify(model, policy="snip", sparsity=0.5)
+            >>> int(sparsifier.masks["0.weight"].sum())
+            32
+            >>> x = torch.randn(16, 8)
+            >>> sparsifier.prune_at_init(lambda b: model(b).square().mean(), [x])
+            >>> int(sparsifier.masks["0.weight"].sum())
+            16
+        """
+        self._check_live()
+        policy = self.policy
+        if not isinstance(policy, SNIP):
+            raise RuntimeError(
+                "prune_at_init chooses SNIP's masks, but this sparsifier's policy "
+                f'is {policy!r}.\nSparsify with policy="snip" to prune at '
+                "initialisation."
+            )
+        if self.pruned_at_init:
+            raise RuntimeError(
+                "SNIP's masks were already chosen (prune_at_init ran, or a "
+                "checkpoint was loaded); they stay fixed."
+            )
+        if self.step_count > 0:
+            raise RuntimeError(
+                f"prune_at_init must run before training, but {self.step_count} "
+                "optimizer step(s) were counted."
+            )
+        params = self.topology.params
+        _distributed.check_params_unsharded(params)
+        model = self.topology.model
+        masks = self.masks
+        keep = {id(m) for m in masks.values()}
+        buffers = [
+            (b, b.detach().clone()) for b in model.buffers() if id(b) not in keep
+        ]
+        grads: dict[str, Tensor] = {
+            fqn: torch.zeros_like(p, memory_format=torch.contiguous_format)
+            for fqn, p in params.items()
+        }
+        count = 0
+        try:
+            for batch in batches:
+                loss = loss_fn(batch)
+                if not isinstance(loss, Tensor) or loss.numel() != 1:
+                    raise ValueError(
+                        "prune_at_init's loss_fn must return a scalar tensor, got "
+                        f"{type(loss).__name__}"
+                        f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}."
+                    )
+                found = torch.autograd.grad(
+                    loss, list(params.values()), allow_unused=True
+                )
+                for grad, fqn in zip(found, params, strict=True):
+                    if grad is not None:
+                        grads[fqn].add_(grad)
+                count += 1
+        finally:
+            with torch.no_grad():
+                for buffer, value in buffers:
+                    buffer.copy_(value)
+        if count == 0:
+            raise ValueError(
+                "prune_at_init needs at least one batch; got none.\nPass e.g. "
+                "[next(iter(loader))]."
+            )
+        _distributed.average_(list(grads.values()))
+        with torch.no_grad():
+            scores = {
+                fqn: policy.saliency(params[fqn], grads[fqn]).flatten()
+                for fqn in params
+            }
+        targets = self.topology.final_targets
+        new_masks: dict[str, Tensor] = {}
+        if policy.global_threshold:
+            device = next(iter(scores.values())).device
+            flat = torch.cat([s.float().to(device) for s in scores.values()])
+            chosen = _top(flat, sum(targets.values()), self.generator)
+            picked = torch.zeros(flat.numel(), dtype=torch.bool, device=device)
+            picked[chosen] = True
+            start = 0
+            for fqn, score in scores.items():
+                part = picked[start : start + score.numel()]
+                start += score.numel()
+                new_masks[fqn] = part.view_as(masks[fqn]).to(masks[fqn].device)
+        else:
+            for fqn, score in scores.items():
+                new = torch.zeros_like(score, dtype=torch.bool)
+                new[_top(score, targets[fqn], self.generator)] = True
+                new_masks[fqn] = new.view_as(masks[fqn])
+        counts = {fqn: int(m.sum()) for fqn, m in new_masks.items()}
+        empty = [fqn for fqn, n in counts.items() if n == 0]
+        if empty:
+            warnings.warn(
+                f"SNIP's global threshold left {empty} with no active weight "
+                "(layer collapse): no signal passes through them.\nUse a lower "
+                "sparsity, or SNIP(global_threshold=False) for the "
+                "distribution's per-tensor counts.",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._stash.clear()
+        self.topology.apply(new_masks, self.optimizers, 0.0, counts)
+        self.pruned_at_init = True
+        _distributed.check_ranks_agree(self.masks, self.topology.params, 0)
+        if self.execution != "mask":
+            set_execution(self.topology, self.execution)
+
     @torch.no_grad()
     def update(self) -> bool:
         """Run one topology update now, with the drop fraction of the current step.
@@ -444,7 +621,6 @@ class Sparsifier:
         self._check_live()
         fraction = self.schedule.drop_fraction_at(self.step_count)
         weights = self.topology.params
-        _distributed.check_params_unsharded(weights)
         parametrizations = self.topology.parametrizations
         needs_grad = self.policy.needs_grad
         if needs_grad and not any(p.capturing for p in parametrizations.values()):
@@ -456,31 +632,56 @@ class Sparsifier:
                 "update by hand, call sparsifier.capture_dense_grads() before "
                 "the backward pass, then sparsifier.update()."
             )
+        every_step = self.policy.dense_grad_every_step  # grows from a running signal
         grads = {
-            fqn: p.dense_grad if needs_grad else None
+            fqn: (self.signals.get(fqn) if every_step else p.dense_grad)
+            if needs_grad
+            else None
             for fqn, p in parametrizations.items()
         }
         skip = {fqn for fqn, w in weights.items() if not w.requires_grad}
-        if needs_grad:
+        if needs_grad and every_step:  # folded and averaged at every step
+            skip |= {fqn for fqn, g in grads.items() if g is None}
+        elif needs_grad:
             received = _distributed.any_rank([grads[fqn] is not None for fqn in grads])
             for (fqn, grad), anywhere in zip(grads.items(), received, strict=True):
                 if not anywhere:
                     skip.add(fqn)
                 elif grad is None:  # another rank has one: this rank adds zeros
-                    grads[fqn] = torch.zeros_like(weights[fqn])
-        _distributed.average_(
-            [g for fqn, g in grads.items() if g is not None and fqn not in skip]
-        )
+                    grads[fqn] = torch.zeros_like(local(weights[fqn]))
+        if not every_step and not self.sharded:  # FSDP reduce-scattered them
+            _distributed.average_(
+                [g for fqn, g in grads.items() if g is not None and fqn not in skip]
+            )
         new_masks = {}
         positions = {}  # the new masks' active positions, where they are kept
         targets = self.topology.targets  # == each mask's active count, no sync
+        layouts = self.topology.layouts  # structured tensors
+        new_counts = {}
         try:
+            counts = self._update_counts(fraction, grads, skip)  # (n_drop, n_grow)
             for fqn, mask in self.masks.items():
                 n_active = targets[fqn]
-                n_drop = int(n_active * fraction)
-                if n_drop == 0 or n_active == mask.numel() or fqn in skip:
+                n_drop, n_grow = counts.get(fqn, (0, 0))
+                if fqn in skip or (
+                    n_drop == n_grow and (n_drop == 0 or n_active == mask.numel())
+                ):
                     continue
                 p = parametrizations[fqn]
+                if self.sharded:
+                    new_masks[fqn] = _fsdp.update_sharded(
+                        self.policy,
+                        local(weights[fqn]),
+                        local(mask),
+                        grads[fqn],
+                        n_drop,
+                        self.generator,
+                        _fsdp.shard_of(fqn, weights[fqn]),
+                        n_active=n_active,
+                        n_grow=n_grow,
+                    )
+                    new_counts[fqn] = n_active - n_drop + n_grow
+                    continue
                 new_masks[fqn], positions[fqn] = _update_mask(
                     self.policy,
                     weights[fqn],
@@ -491,7 +692,10 @@ class Sparsifier:
                     n_active=n_active,
                     active=p.active_positions(),
                     positions=p.active is not None,  # kept under sparse execution
+                    structure=layouts.get(fqn),
+                    n_grow=n_grow,
                 )
+                new_counts[fqn] = n_active - n_drop + n_grow
         except FloatingPointError as error:
             warnings.warn(
                 f"Skipped the topology update at step {self.step_count}: {error}",
@@ -506,8 +710,16 @@ class Sparsifier:
             self._stash.clear()
         for fqn in skip:
             self.missed_updates[fqn] = self.missed_updates.get(fqn, 0) + 1
-        self._mask_metrics.record(self.step_count, self.masks, new_masks)
-        self.topology.apply(new_masks, self.optimizers, self.grow_init)
+        if self.sharded:  # this shard's counts, summed over the ranks
+            self._mask_metrics.record(
+                self.step_count,
+                {fqn: local(m) for fqn, m in self.masks.items()},
+                new_masks,
+                reduce=_fsdp.sum_over_ranks,
+            )
+        else:
+            self._mask_metrics.record(self.step_count, self.masks, new_masks)
+        self.topology.apply(new_masks, self.optimizers, self.grow_init, new_counts)
         for fqn, found in positions.items():
             if found is not None:
                 parametrizations[fqn].keep_active_positions(found)
@@ -515,11 +727,102 @@ class Sparsifier:
             for optimizer in self.optimizers:
                 if isinstance(optimizer, torch.optim.LBFGS):
                     _restart_lbfgs(optimizer)
-        _distributed.check_ranks_agree(
-            self.masks, self.topology.params, self.step_count
-        )
+        if not self.sharded:  # (shards differ by design)
+            _distributed.check_ranks_agree(
+                self.masks, self.topology.params, self.step_count
+            )
         self.update_count += 1
         return True
+
+    def _context(self, step: int, **update: Any) -> CountContext:
+        """The :class:`~sparsetorch.policies.base.CountContext` at ``step``."""
+        return CountContext(
+            step=step,
+            schedule=self.schedule,
+            numels={fqn: m.numel() for fqn, m in self.masks.items()},
+            sparsities=self.topology.sparsities,
+            targets=self.topology.final_targets,
+            active=self.topology.targets,
+            **update,
+        )
+
+    def _update_counts(
+        self, fraction: float, grads: Mapping[str, Tensor | None], skip: set[str]
+    ) -> dict[str, tuple[int, int]]:
+        """Ask the policy how many weights each tensor drops and grows; check it."""
+        context = self._context(
+            self.step_count,
+            drop_fraction=fraction,
+            masks=self.masks,
+            signals=grads,
+            skip=frozenset(skip),
+        )
+        counts = self.policy.update_counts(context)
+        for fqn, (n_drop, n_grow) in counts.items():
+            n_active, numel = context.active[fqn], context.numels[fqn]
+            free = numel - n_active + n_drop  # positions not kept
+            if not (0 <= n_drop <= n_active and 0 <= n_grow <= free):
+                raise ValueError(
+                    f"{type(self.policy).__name__}.update_counts asked {fqn!r} to "
+                    f"drop {n_drop} and grow {n_grow} weights, but it has "
+                    f"{n_active} active of {numel}.\nA tensor drops at most its "
+                    "active weights and grows at most the positions not kept."
+                )
+        return counts
+
+    def targets_at(self, step: int) -> dict[str, int]:
+        """The active count of each tensor that the schedule holds after ``step``.
+
+        For GMP, its cubic schedule (the counts of the last pruning step at or
+        before ``step``); for the other built-in policies, the current counts
+        (SNFS moves them between tensors at its updates, keeping the total).
+
+        Args:
+            step: an optimizer step (``0``: before the first one).
+
+        Returns:
+            ``tensor_fqn -> active count``.
+
+        Example::
+
+            >>> import torch
+            >>> import sparsetorch as st
+            >>> model = torch.nn.Sequential(torch.nn.Linear(10, 10))
+            >>> sparsifier = st.sparsify(model, policy="gmp", sparsity=0.9,
+            ...                          distribution="uniform", end_step=31,
+            ...                          update_interval=10)
+            >>> [sparsifier.targets_at(k)["0.weight"] for k in (0, 10, 20, 30, 40)]
+            [100, 37, 13, 10, 10]
+        """
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"step must be an int, got {step!r}.")
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}.")
+        return self.policy.active_counts_at(self._context(step))
+
+    @torch.no_grad()
+    def _fold_dense_grads(self) -> None:
+        """Fold this step's dense gradients into the policy's running signals.
+
+        For policies with ``dense_grad_every_step`` (SNFS). The gradients are
+        averaged over ranks first, so every rank keeps the same signals; a
+        tensor that got no gradient on any rank is left as it was.
+        """
+        parametrizations = self.topology.parametrizations
+        if not any(p.capturing for p in parametrizations.values()):
+            return
+        grads = {fqn: p.dense_grad for fqn, p in parametrizations.items()}
+        received = _distributed.any_rank([g is not None for g in grads.values()])
+        weights = self.topology.params
+        folded: dict[str, Tensor] = {}
+        for (fqn, grad), anywhere in zip(grads.items(), received, strict=True):
+            if anywhere:  # another rank has one: this rank adds zeros
+                folded[fqn] = torch.zeros_like(weights[fqn]) if grad is None else grad
+        _distributed.average_(list(folded.values()))
+        for fqn, grad in folded.items():
+            self.signals[fqn] = self.policy.accumulate_grad(self.signals.get(fqn), grad)
+        for p in parametrizations.values():
+            p.release()
 
     # -- checkpoints --------------------------------------------------------------
 
@@ -550,6 +853,11 @@ class Sparsifier:
             "masks": {fqn: encode_mask(m) for fqn, m in self.masks.items()},
             "settings": self._settings(),
             **self._metrics_state(),
+            "active": self.topology.targets,
+            "policy_state": {
+                "signals": {fqn: s.detach().clone() for fqn, s in self.signals.items()},
+                "pruned_at_init": self.pruned_at_init,
+            },
         }
 
     def _metrics_state(self) -> dict[str, Any]:
@@ -566,6 +874,7 @@ class Sparsifier:
             "schedule": dataclasses.asdict(self.schedule),
             "sparsities": self.topology.sparsities,
             "grow_init": self.grow_init,
+            "structure": structure_settings(self.topology.structure),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -650,13 +959,21 @@ class Sparsifier:
                 "The checkpoint was made with other settings:\n"
                 f"{lines}\nBuild the sparsifier with the checkpoint's settings."
             )
-        targets = self.topology.targets
+        targets = _stored_counts(state_dict, self.topology.final_targets, mine)
+        signals, pruned = _stored_policy_state(state_dict, self.topology.params)
+        layouts = self.topology.layouts
+        for fqn, layout in layouts.items():
+            entry = masks[fqn]
+            if layout.ablate and isinstance(entry, Mapping) and "active" in entry:
+                targets[fqn] = entry["active"]  # rows ablated: checked below
         loaded = {
             fqn: decode_mask(
                 masks[fqn], fqn, tuple(mask.shape), targets[fqn], version=version
             )
             for fqn, mask in mine.items()
         }
+        for fqn, layout in layouts.items():
+            check_loaded_mask(fqn, loaded[fqn], layout)
         metrics = state_dict.get("metrics")
         if metrics is not None:
             metrics = self._mask_metrics.check_state(metrics, mine)
@@ -665,6 +982,12 @@ class Sparsifier:
         with torch.no_grad():
             for fqn, mask in loaded.items():
                 mine[fqn].copy_(mask)
+        self.topology.set_targets(targets)
+        self.signals = signals
+        self.pruned_at_init = pruned
+        self.topology.set_targets(
+            {fqn: targets[fqn] for fqn, lay in layouts.items() if lay.ablate}
+        )
         self.apply_masks()
         self.generator.set_state(generator_state)
         self.step_count = counts["step"]
@@ -724,6 +1047,27 @@ class Sparsifier:
                 "This sparsifier was removed (sparsifier.remove() baked the masks "
                 "into a plain model).\nTo train sparse again, call sparsify() anew."
             )
+        self._sync_sharding()
+
+    def _sync_sharding(self) -> None:
+        """Follow ``fully_shard`` (FSDP2): shard the masks like their weights."""
+        if _fsdp.adopt_sharding(self.topology) and not self.sharded:
+            if self.topology.layouts:
+                raise RuntimeError(
+                    "Structured masks (N:M, constant fan-in) are not supported "
+                    "under FSDP2 yet: an update selects within groups on whole "
+                    "rows, with its own tie draws.\nTrain unstructured masks "
+                    "under fully_shard, or structured ones with "
+                    "DistributedDataParallel."
+                )
+            if self.policy.dense_grad_every_step:
+                raise RuntimeError(
+                    f"{type(self.policy).__name__} is not supported under FSDP2 "
+                    "yet (its running dense-gradient state is kept whole).\n"
+                    "Use RigL, SET or static masks under fully_shard, or train "
+                    "with DistributedDataParallel."
+                )
+            self.sharded = True
 
     def set_execution(self, execution: str) -> None:
         """Switch the masked ``nn.Linear`` layers to ``execution``.
@@ -926,7 +1270,7 @@ class Sparsifier:
             0.25
         """
         self._check_live()
-        self._mask_metrics.track_itop(self.masks)
+        self._mask_metrics.track_itop({fqn: local(m) for fqn, m in self.masks.items()})
 
     def metrics(self, *, per_tensor: bool = False) -> dict[str, float]:
         """Scalars for a logger: sparsity, mask change, updates, ITOP rate.
@@ -1134,6 +1478,75 @@ def _check_version(state_dict: Mapping[str, Any]) -> int:
             f"sparsetorch reads versions {list(READABLE_VERSIONS)}."
         )
     return version
+
+
+def _stored_counts(
+    state_dict: Mapping[str, Any],
+    allocated: Mapping[str, int],
+    masks: Mapping[str, Tensor],
+) -> dict[str, int]:
+    """The checkpoint's active count per tensor, checked.
+
+    Checkpoints made before per-tensor counts could move (no ``"active"``
+    key) held the allocated counts.
+    """
+    if "active" not in state_dict:
+        return dict(allocated)
+    active = state_dict["active"]
+    if not isinstance(active, Mapping) or set(active) != set(masks):
+        raise ValueError(
+            "The sparsifier checkpoint's 'active' must be a dict {tensor_fqn: "
+            f"active count}} over the masked tensors {sorted(masks)}, got "
+            f"{active!r}."
+        )
+    for fqn, count in active.items():
+        numel = masks[fqn].numel()
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise TypeError(
+                f"The sparsifier checkpoint's active count of {fqn!r} must be an "
+                f"int, got {count!r}."
+            )
+        if not 0 <= count <= numel:
+            raise ValueError(
+                f"The sparsifier checkpoint's active count of {fqn!r} is {count}, "
+                f"outside [0, {numel}]: the checkpoint is corrupted."
+            )
+    return {fqn: active[fqn] for fqn in masks}
+
+
+def _stored_policy_state(
+    state_dict: Mapping[str, Any], params: Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor], bool]:
+    """The checkpoint's policy state (running signals, SNIP's flag), checked."""
+    state = state_dict.get("policy_state", {})
+    if not isinstance(state, Mapping):
+        raise TypeError(
+            "The sparsifier checkpoint's 'policy_state' must be a dict, got "
+            f"{type(state).__name__}."
+        )
+    signals = state.get("signals", {})
+    pruned = state.get("pruned_at_init", False)
+    if not isinstance(pruned, bool):
+        raise TypeError(
+            "The sparsifier checkpoint's 'pruned_at_init' must be True or False, "
+            f"got {pruned!r}."
+        )
+    if not isinstance(signals, Mapping) or not set(signals) <= set(params):
+        raise ValueError(
+            "The sparsifier checkpoint's 'signals' must be a dict {tensor_fqn: "
+            f"tensor}} over the masked tensors {sorted(params)}."
+        )
+    loaded = {}
+    for fqn, signal in signals.items():
+        param = params[fqn]
+        if not isinstance(signal, Tensor) or signal.shape != param.shape:
+            raise ValueError(
+                f"The sparsifier checkpoint's signal for {fqn!r} must be a tensor "
+                f"of shape {tuple(param.shape)}, got "
+                f"{getattr(signal, 'shape', type(signal).__name__)}."
+            )
+        loaded[fqn] = signal.detach().to(param.device, copy=True)
+    return loaded, pruned
 
 
 def _restart_lbfgs(optimizer: torch.optim.LBFGS) -> None:

@@ -15,7 +15,8 @@ from torch.nn.utils import parametrize
 from sparsetorch._optim import reset_state
 from sparsetorch._stash import Stash
 from sparsetorch.distributions import active_count
-from sparsetorch.parametrization import MaskParametrization, _mask_
+from sparsetorch.parametrization import MaskParametrization, _mask_, local
+from sparsetorch.structure import Layout, Structure, initial_mask, layout
 
 __all__ = ["DEFAULT_MODULE_TYPES", "Topology", "named_tensors", "select_tensors"]
 
@@ -225,7 +226,9 @@ class _Entry:
     tensor_name: str
     parametrization: MaskParametrization
     sparsity: float
-    target: int
+    target: int  # the active count now
+    layout: Layout | None = None
+    final: int | None = None  # the allocated active count, where it differs
 
     @property
     def param(self) -> nn.Parameter:
@@ -253,6 +256,14 @@ class Topology:
         generator: CPU generator for the initial masks.
         stash: keeps the weights' values that the initial masks zero, so that
             masks loaded next can restore them. Default: ``None``.
+        structure: a :mod:`sparsetorch.structure` constraint for every
+            tensor: its initial mask is drawn with the structure, and its
+            count is what the structure implies (:attr:`targets`).
+            Default: ``None`` (unstructured).
+        initial_sparsities: ``tensor_fqn -> sparsity`` of the initial masks,
+            where they start elsewhere than ``sparsities`` (GMP starts dense
+            and prunes toward ``sparsities``). Default: ``None`` (at
+            ``sparsities``).
 
     Raises:
         ValueError: a tensor is missing, already sparsified, or shared.
@@ -273,8 +284,12 @@ class Topology:
         generator: torch.Generator,
         *,
         stash: Stash | None = None,
+        structure: Structure | None = None,
+        initial_sparsities: Mapping[str, float] | None = None,
     ) -> None:
         self.model = model
+        #: The structure every tensor meets, or ``None`` (unstructured).
+        self.structure = structure
         modules = dict(model.named_modules())
         seen: dict[int, str] = {}
         masked = {id(p) for p in _masked_params(model)}
@@ -331,6 +346,7 @@ class Topology:
                     "weights).\nSelect only one of them: exclude=[...]."
                 )
             seen[id(tensor)] = fqn
+        layouts = _layouts(modules, sparsities, structure)
 
         # Everything is checked: from here on the model changes.
         dense_order = {
@@ -348,11 +364,18 @@ class Topology:
             module = modules[module_fqn]
             weight = module._parameters[name]
             assert weight is not None
-            target = active_count(weight.numel(), sparsity)
-            perm = torch.randperm(weight.numel(), generator=generator)
-            mask = torch.zeros(weight.numel(), dtype=torch.bool)
-            mask[perm[:target]] = True
-            mask = mask.view(weight.shape).to(weight.device)
+            bound = layouts.get(fqn)
+            if bound is None:
+                final = active_count(weight.numel(), sparsity)
+                start = (initial_sparsities or {}).get(fqn, sparsity)
+                target = active_count(weight.numel(), start)
+                perm = torch.randperm(weight.numel(), generator=generator)
+                mask = torch.zeros(weight.numel(), dtype=torch.bool)
+                mask[perm[:target]] = True
+                mask = mask.view(weight.shape).to(weight.device)
+            else:
+                target = final = bound.count
+                mask = initial_mask(bound, weight.shape, generator).to(weight.device)
             p = MaskParametrization(mask)
             parametrize.register_parametrization(module, name, p)
             weight = _plist(module, name).original
@@ -361,7 +384,9 @@ class Topology:
                 _mask_(weight, mask)
             else:
                 stash.keep(weight, mask, functools.partial(_mask_, weight, mask))
-            self._entries[fqn] = _Entry(module, name, p, sparsity, target)
+            self._entries[fqn] = _Entry(
+                module, name, p, sparsity, target, bound, final
+            )
             setattr(type(module), "__getstate__", _refuse_pickle)  # noqa: B010
         stored = {id(e.param): e.parametrization for e in self._entries.values()}
         for module in model.modules():
@@ -418,8 +443,33 @@ class Topology:
 
     @property
     def targets(self) -> dict[str, int]:
-        """``tensor_fqn -> exact number of active weights``."""
+        """``tensor_fqn -> exact number of active weights`` now.
+
+        Constant for RigL, SET and static masks; GMP shrinks it on its
+        schedule and SNFS moves it between tensors (:attr:`final_targets`
+        holds the allocation).
+        """
         return {fqn: e.target for fqn, e in self._entries.items()}
+
+    @property
+    def final_targets(self) -> dict[str, int]:
+        """``tensor_fqn -> active count`` as allocated by the distribution."""
+        return {
+            fqn: e.target if e.final is None else e.final
+            for fqn, e in self._entries.items()
+        }
+
+    def set_targets(self, counts: Mapping[str, int]) -> None:
+        """Record the active counts of masks written from outside :meth:`apply`."""
+        for fqn, count in counts.items():
+            self._entries[fqn].target = count
+
+    @property
+    def layouts(self) -> dict[str, Layout]:
+        """``tensor_fqn -> Layout`` of each structured tensor (none if unstructured)."""
+        return {
+            fqn: e.layout for fqn, e in self._entries.items() if e.layout is not None
+        }
 
     def parameter_orders(self) -> list[list[Tensor]]:
         """The model's parameters in the two orders an optimizer may list them.
@@ -455,8 +505,12 @@ class Topology:
         new_masks: Mapping[str, Tensor],
         optimizers: Sequence[torch.optim.Optimizer] = (),
         grow_value: float = 0.0,
+        counts: Mapping[str, int] | None = None,
     ) -> None:
         """Write new masks in place and make weights and optimizer state agree.
+
+        ``counts``: the new masks' active counts where they change (GMP, SNFS),
+        recorded as :attr:`targets`; without it, counts stay.
 
         Every position that is not kept (active both before and after) gets zero
         in the stored weight, and every optimizer state tensor of the weight's
@@ -467,19 +521,23 @@ class Topology:
         """
         for fqn, new in new_masks.items():
             entry = self._entries[fqn]
-            param, old = entry.param, entry.mask
+            param, old = entry.param, local(entry.mask)  # (FSDP2: this shard)
             # Multiplying by the mask is one vectorised pass (_mask_); masked_fill
             # with a bool mask goes element by element.
             keep = old & new
             _mask_(param, keep)
             if grow_value != 0.0:
-                param.masked_fill_(new & ~old, grow_value)
+                local(param).masked_fill_(new & ~old, grow_value)
             if param.grad is not None:
                 _mask_(param.grad, new)
             for optimizer in optimizers:
                 reset_state(optimizer, param, keep)
             old.copy_(new)
             entry.parametrization.stale = False
+            if entry.layout is not None and entry.layout.ablate:
+                entry.target = int(new.sum())  # rows ablated or revived
+            elif counts is not None and fqn in counts:
+                entry.target = counts[fqn]
 
     @torch.no_grad()
     def apply_masks(self, optimizers: Sequence[torch.optim.Optimizer] = ()) -> None:
@@ -507,6 +565,45 @@ class Topology:
             for name in names:  # back to the dense order: weight before bias
                 params[name] = params.pop(name)
         self._entries = {}
+
+
+def _layouts(
+    modules: Mapping[str, nn.Module],
+    sparsities: Mapping[str, float],
+    structure: Structure | None,
+) -> dict[str, Layout]:
+    """Bind ``structure`` to every tensor (checked; nothing changes).
+
+    The last tensor in model order (the output layer) is never neuron-ablated,
+    as in SRigL.
+    """
+    if structure is None:
+        return {}
+    structure.check_sparsities(sparsities)
+    result = {}
+    last = list(sparsities)[-1]
+    for fqn, sparsity in sparsities.items():
+        module_fqn, name = _split(fqn)
+        module = modules[module_fqn]
+        tensor = module._parameters[name]
+        assert tensor is not None
+        kind = "plain"
+        if isinstance(module, nn.modules.conv._ConvTransposeNd) and name == "weight":
+            kind = "conv-transpose"
+        elif name == "weight" and any(
+            f"{c.__module__}.{c.__qualname__}" == "transformers.pytorch_utils.Conv1D"
+            for c in type(module).__mro__
+        ):
+            kind = "transposed"
+        result[fqn] = layout(
+            fqn,
+            structure,
+            tuple(tensor.shape),
+            sparsity,
+            kind=kind,
+            ablate=fqn != last,
+        )
+    return result
 
 
 def _masked_params(model: nn.Module) -> Iterator[Tensor]:

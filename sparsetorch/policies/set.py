@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sparsetorch.policies.base import Policy, register_policy
+from sparsetorch.policies.base import Policy, random_scores, register_policy
 
 __all__ = ["SET"]
 
@@ -35,5 +35,4 @@ class SET(Policy):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Uniform random scores, drawn on the CPU from ``generator``."""
-        scores = torch.rand(weight.shape, generator=generator)
-        return scores.to(weight.device)
+        return random_scores(weight, generator)

@@ -1,0 +1,332 @@
+"""FSDP2 (``fully_shard``): masks sharded like their weights, updates on shards.
+
+``sparsify`` runs on the whole model; ``fully_shard`` then turns each stored
+weight into a DTensor sharded on dim 0 (FSDP2's default placement).
+:func:`adopt_sharding` follows it (before the next forward, optimizer step or
+sparsifier call): each mask becomes a DTensor with its weight's mesh and
+placements, keeping only this rank's rows, and the gradient hooks move to the
+sharded weight, where FSDP calls them after each reduce-scatter.
+
+An update selects exactly what the unsharded update selects, at any world size
+(:func:`top_sharded`): the ``k``-th highest score over all shards is found by a
+radix select over the scores' bit patterns, one all-reduced 256-bin histogram
+per byte (4 rounds for float32 scores, 2 KiB each), instead of gathering whole
+tensors. Scores above it are chosen; the tied ones are numbered in flat order
+across ranks and drawn with the same generator call as the unsharded update.
+Random growth (SET) draws the same stream as the unsharded update and keeps
+this shard's part (:func:`sparsetorch.policies.base.random_scores`).
+
+See ``docs/distributed.md`` for the communication and memory per update.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from sparsetorch.parametrization import local
+from sparsetorch.policies import base
+
+if TYPE_CHECKING:
+    from sparsetorch.topology import Topology
+
+__all__ = ["Shard", "adopt_sharding", "is_sharded", "top_sharded", "update_sharded"]
+
+_BINS = 256
+
+
+def _dtensor_module() -> Any:
+    import sys
+
+    return sys.modules.get("torch.distributed.tensor")
+
+
+def is_dtensor(tensor: object) -> bool:
+    """Whether ``tensor`` is a DTensor (without importing DTensor's module)."""
+    module = _dtensor_module()
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Where this rank's shard of a dim-0-sharded tensor lies in its flat order."""
+
+    offset: int  #: flat position of the shard's first element
+    numel: int  #: elements in the shard
+    total: int  #: elements in the whole tensor
+    group: Any  #: the process group of the mesh
+
+
+def shard_of(fqn: str, param: Tensor) -> Shard:
+    """The shard of a DTensor parameter; raises for placements other than FSDP2's.
+
+    Raises:
+        RuntimeError: the mesh has more than one dimension (HSDP, 2-D
+            parallelism) or the placement is not ``Shard(0)``.
+    """
+    module = _dtensor_module()
+    placements = tuple(param.placements)  # type: ignore[attr-defined]
+    mesh = param.device_mesh  # type: ignore[attr-defined]
+    if mesh.ndim != 1 or placements != (module.Shard(0),):
+        raise RuntimeError(
+            f"{fqn!r} is a DTensor with placements {placements} on a "
+            f"{mesh.ndim}-D mesh; sparsetorch supports FSDP2's default, Shard(0) "
+            "on a 1-D mesh.\nShard with fully_shard(module) on a 1-D mesh (no "
+            "shard_placement_fn, no HSDP or tensor parallelism), or leave this "
+            f"tensor dense: exclude=[{fqn!r}]."
+        )
+    rows = param.shape[0]
+    world, rank = mesh.size(), mesh.get_local_rank()
+    per_rank = math.ceil(rows / world)  # torch.chunk's split, as FSDP2's
+    first = min(rank * per_rank, rows)
+    shard = local(param)
+    row = math.prod(param.shape[1:])
+    assert shard.shape[0] == max(0, min(per_rank, rows - first)), (fqn, shard.shape)
+    return Shard(first * row, shard.numel(), param.numel(), mesh.get_group())
+
+
+def is_sharded(topology: Topology) -> bool:
+    """Whether the topology's masks follow FSDP2 shards."""
+    return any(p.sharded for p in topology.parametrizations.values())
+
+
+@torch.no_grad()
+def adopt_sharding(topology: Topology) -> bool:
+    """Shard the masks of weights that ``fully_shard`` sharded since the last call.
+
+    Cheap when nothing changed: one identity check per tensor. Returns whether
+    the topology is sharded.
+
+    Raises:
+        RuntimeError: a placement other than FSDP2's ``Shard(0)`` on a 1-D mesh,
+            or only some of the masked weights are sharded.
+    """
+    module = _dtensor_module()
+    entries = topology._entries
+    if module is None:
+        return False
+    sharded = False
+    plain = []
+    for fqn, entry in entries.items():
+        param = entry.param
+        p = entry.parametrization
+        if not isinstance(param, module.DTensor):
+            plain.append(fqn)
+            continue
+        sharded = True
+        current = None if p._param is None else p._param()
+        if p.sharded and current is param:
+            continue
+        if not p.sharded:
+            shard = shard_of(fqn, param)
+            rows = local(param).shape[0]
+            first = shard.offset // max(1, math.prod(param.shape[1:]))
+            mask = p.mask[first : first + rows].clone()
+            p.mask = module.DTensor.from_local(
+                mask,
+                param.device_mesh,
+                param.placements,
+                shape=param.shape,
+                stride=param.stride(),
+                run_check=False,
+            )
+            p.release()
+            p.active = None
+            p.sharded = True
+        p.attach(param)
+        p.stale = False
+        local(param).mul_(local(p.mask))
+    if sharded and plain:
+        raise RuntimeError(
+            f"Some masked weights are sharded by FSDP2 and others are not: {plain} "
+            "are whole.\nApply fully_shard to every module holding a masked "
+            "weight (fully_shard(model) on the root covers the rest), or leave "
+            f"them dense: exclude={plain}."
+        )
+    return sharded
+
+
+def check_not_fsdp1(model: torch.nn.Module) -> None:
+    """Raise if FSDP1 (``FullyShardedDataParallel``) wraps ``model`` or a child."""
+    import sys
+
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, fsdp.FullyShardedDataParallel):
+            raise RuntimeError(
+                f"Module {name or '<root>'!r} is wrapped in FSDP1 "
+                "(FullyShardedDataParallel), whose flat parameters sparsetorch "
+                "cannot mask.\nUse FSDP2: sparsify(model, ...), then "
+                "fully_shard(...) on its blocks and on the root. See "
+                "docs/distributed.md."
+            )
+
+
+# -- selection on shards ------------------------------------------------------------
+
+
+def _keys(scores: Tensor) -> tuple[Tensor, int]:
+    """Integers ordered as the float ``scores`` (``-0.0`` counts as ``0.0``)."""
+    scores = scores.float() if scores.element_size() < 4 else scores
+    scores = scores + 0.0  # -0.0 -> +0.0: equal scores must get equal keys
+    if scores.dtype == torch.float64:
+        bits, width = scores.view(torch.int64), 64
+        flip = torch.iinfo(torch.int64).max
+    else:
+        bits, width = scores.float().view(torch.int32).long(), 32
+        flip = torch.iinfo(torch.int32).max
+    # Negative floats order backwards by their bits: flip all but the sign bit.
+    return torch.where(bits < 0, bits ^ flip, bits), width
+
+
+def _all_reduce(tensor: Tensor, group: Any) -> Tensor:
+    dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def top_sharded(
+    scores: Tensor, k: int, generator: torch.Generator, shard: Shard
+) -> Tensor:
+    """This shard's positions of the ``k`` highest scores over all shards.
+
+    The same set as :func:`sparsetorch.policies.base._top` on the whole tensor,
+    and the same generator calls: every score above the ``k``-th highest value
+    is chosen, and among those equal to it (numbered in flat order over the
+    shards) as many as are still needed are drawn with one ``randperm``, only
+    when more tie than there are places. Collective: every rank of
+    ``shard.group`` calls it with the same ``k`` and generator state.
+
+    Args:
+        scores: this shard's 1-D scores.
+        k: how many to choose over the whole tensor.
+        generator: CPU generator, in the same state on every rank.
+        shard: the shard and its process group.
+
+    Returns:
+        Sorted local positions (``int64``).
+    """
+    n = _all_reduce(torch.tensor([scores.numel()]), shard.group).item()
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    if k >= n:
+        return torch.arange(scores.numel())
+    keys, width = _keys(scores.detach().cpu())
+    positions = torch.arange(keys.numel())
+    chosen: list[Tensor] = []
+    needed = k
+    tied_total = 0
+    for shift in range(width - 8, -1, -8):
+        if shift == width - 8:  # the top byte holds the sign: shift arithmetically
+            buckets = (keys >> shift) + 128
+        else:
+            buckets = (keys >> shift) & 0xFF
+        hist = _all_reduce(torch.bincount(buckets, minlength=_BINS), shard.group)
+        from_top = hist.flip(0).cumsum(0)
+        j = _BINS - 1 - int(torch.searchsorted(from_top, needed))
+        needed -= int(from_top[_BINS - 1 - j]) - int(hist[j])
+        above = buckets > j
+        chosen.append(positions[above])
+        inside = buckets == j
+        keys, positions = keys[inside], positions[inside]
+        tied_total = int(hist[j])
+    # `positions` now holds this shard's scores equal to the k-th highest one.
+    if tied_total > needed:
+        counts = [torch.zeros(1, dtype=torch.long) for _ in range(_world(shard))]
+        dist.all_gather(counts, torch.tensor([positions.numel()]), group=shard.group)
+        start = sum(int(c) for c in counts[: dist.get_rank(shard.group)])
+        draw = torch.randperm(tied_total, generator=generator)[:needed]
+        mine = draw[(draw >= start) & (draw < start + positions.numel())] - start
+        positions = positions[mine]
+    chosen.append(positions)
+    return torch.sort(torch.cat(chosen)).values.to(scores.device)
+
+
+def _world(shard: Shard) -> int:
+    return dist.get_world_size(shard.group)
+
+
+@contextmanager
+def _random_scores_for(shard: Shard) -> Iterator[None]:
+    token = base.SHARD.set((shard.offset, shard.total))
+    try:
+        yield
+    finally:
+        base.SHARD.reset(token)
+
+
+def update_sharded(
+    policy: base.Policy,
+    weight: Tensor,
+    mask: Tensor,
+    grad: Tensor | None,
+    n_drop: int,
+    generator: torch.Generator,
+    shard: Shard,
+    *,
+    n_active: int,
+    n_grow: int | None = None,
+) -> Tensor:
+    """:func:`sparsetorch.policies.base.update_mask` on this rank's shard.
+
+    ``weight`` and ``mask`` are the local shards, ``grad`` the local shard of
+    the dense gradient; ``n_active``, ``n_drop`` and ``n_grow`` count over the
+    whole tensor. Returns the new local mask shard: together, the shards are
+    the unsharded update's mask.
+
+    Raises:
+        FloatingPointError: a score read by the update is NaN or infinite on
+            any rank (raised on every rank).
+    """
+    n_grow = n_drop if n_grow is None else n_grow
+    name = type(policy).__name__
+    flat = mask.flatten()
+    if n_drop == 0 and n_grow == 0:
+        return mask.clone()
+    active = base._nonzero(flat)
+    if type(policy).drop_score is base.Policy.drop_score:
+        drop = weight.flatten()[active].abs()
+    else:
+        drop = policy.drop_score(weight, mask).flatten()[active]
+    _check_finite_everywhere(drop, None, "drop", name, shard)
+    kept = active[top_sharded(drop, n_active - n_drop, generator, shard)]
+    with _random_scores_for(shard):
+        grow = policy.grow_score(weight, mask, grad, generator).flatten()
+    if not grow.is_floating_point() or base._shares_memory(grow, weight, mask, grad):
+        grow = grow.float() if not grow.is_floating_point() else grow.clone()
+    _check_finite_everywhere(grow, kept, "grow", name, shard)
+    grown = top_sharded(
+        grow.index_fill_(0, kept, float("-inf")), n_grow, generator, shard
+    )
+    new = torch.zeros_like(flat)
+    new.index_fill_(0, kept, True)
+    new.index_fill_(0, grown, True)
+    return new.view_as(mask)
+
+
+def _check_finite_everywhere(
+    scores: Tensor, skip: Tensor | None, kind: str, policy: str, shard: Shard
+) -> None:
+    """:func:`base._check_finite` over all shards: every rank raises or none."""
+    bad = ~torch.isfinite(scores)
+    if skip is not None:
+        bad[skip] = False
+    count = _all_reduce(torch.tensor([int(bad.sum())]), shard.group).item()
+    if count:
+        raise FloatingPointError(
+            f"{policy}.{kind}_score gave {count} NaN/inf value(s); the update would "
+            "pick them silently."
+        )
+
+
+def sum_over_ranks(counts: Tensor) -> Tensor:
+    """``counts`` summed over every rank (the shards' counts: the whole tensor's)."""
+    return _all_reduce(counts.clone(), None)
