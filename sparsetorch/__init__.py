@@ -18,14 +18,29 @@ from sparsetorch.compat import RigLScheduler
 from sparsetorch.distributions import DISTRIBUTIONS, allocate
 from sparsetorch.execution import export_sparse
 from sparsetorch.parametrization import MaskParametrization
-from sparsetorch.policies import SET, Policy, RigL, Static, register_policy
+from sparsetorch.policies import (
+    GMP,
+    SET,
+    SNFS,
+    SNIP,
+    Policy,
+    RigL,
+    Static,
+    register_policy,
+)
 from sparsetorch.schedule import Schedule
 from sparsetorch.sparsifier import Sparsifier
+from sparsetorch.structure import NM, ConstantFanIn, Structure
 from sparsetorch.topology import Topology, select_tensors
 
 __all__ = [
     "DISTRIBUTIONS",
+    "GMP",
+    "NM",
     "SET",
+    "SNFS",
+    "SNIP",
+    "ConstantFanIn",
     "MaskParametrization",
     "Policy",
     "RigL",
@@ -33,6 +48,7 @@ __all__ = [
     "Schedule",
     "Sparsifier",
     "Static",
+    "Structure",
     "Topology",
     "allocate",
     "export_sparse",

@@ -17,6 +17,7 @@ from sparsetorch.execution import check_execution
 from sparsetorch.policies.base import Policy, make_policy
 from sparsetorch.schedule import DROP_SCHEDULES, Schedule
 from sparsetorch.sparsifier import Sparsifier, warn_if_never_updates
+from sparsetorch.structure import Structure, check_policy, make_structure
 from sparsetorch.topology import (
     Topology,
     check_materialized,
@@ -45,6 +46,7 @@ def sparsify(
     grow_init: str | float = "zeros",
     seed: int = 0,
     execution: str = "mask",
+    structure: str | Structure | None = None,
 ) -> Sparsifier:
     r"""Make ``model`` sparse in place and return the handle that trains its topology.
 
@@ -109,6 +111,16 @@ def sparsify(
             kept for the layers it may run sparse). Results agree up to
             float rounding; the stored weights, optimizer and state dicts are the
             same. Default: ``"mask"``.
+        structure: a constraint every mask keeps, at initialisation and after
+            every update, for any policy: ``"N:M"`` (e.g. ``"2:4"``: every
+            ``M`` consecutive inputs of an output unit keep exactly ``N``;
+            needs ``sparsity=1 - N/M``, ``distribution="uniform"``),
+            ``"constant-fan-in"`` (every output unit keeps the same number
+            of inputs, ``round(density * fan_in)`` at the density
+            ``distribution`` gives the layer), or a
+            :mod:`sparsetorch.structure` object (``NM(2, 4)``,
+            ``ConstantFanIn(ablation=0.3)`` for SRigL's neuron ablation).
+            See ``docs/api.md``. Default: ``None`` (unstructured).
 
     Returns:
         The :class:`~sparsetorch.Sparsifier`.
@@ -161,6 +173,8 @@ def sparsify(
     _check_sparsity(sparsity)
     check_execution(execution)
     policy = make_policy(policy)
+    structure = make_structure(structure)
+    check_policy(structure, policy)
     grow_value = _grow_value(grow_init)
     for name, value in (("total_steps", total_steps), ("seed", seed)):
         if (value is not None or name == "seed") and (
@@ -241,7 +255,14 @@ def sparsify(
 
     generator = torch.Generator().manual_seed(seed)
     stash = Stash()
-    topology = Topology(model, sparsities, generator, stash=stash)
+    topology = Topology(
+        model,
+        sparsities,
+        generator,
+        stash=stash,
+        structure=structure,
+        initial_sparsities=policy.initial_sparsities(sparsities),
+    )
     if frozen:
         warnings.warn(
             f"Skipped {len(frozen)} frozen tensor(s) (requires_grad=False), which "

@@ -23,11 +23,20 @@ OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
 
 @pytest.mark.parametrize("policy", ["rigl", "set", "static"])
 @pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
-def test_invariants_hold_after_every_step(policy: str, opt: str) -> None:
+@pytest.mark.parametrize("structure", [None, "constant-fan-in"])
+def test_invariants_hold_after_every_step(
+    policy: str, opt: str, structure: str | None
+) -> None:
     model = cnn()
     optimizer = OPTIMIZERS[opt](model)
     sparsifier = st.sparsify(
-        model, optimizer, policy=policy, sparsity=0.8, total_steps=40, update_interval=4
+        model,
+        optimizer,
+        policy=policy,
+        sparsity=0.8,
+        total_steps=40,
+        update_interval=4,
+        structure=structure,
     )
     x, y = batch(model)
     check_invariants(sparsifier, optimizer)
@@ -178,9 +187,11 @@ def test_state_dict_is_plain_data() -> None:
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
     assert sorted(state) == [
+        "active",
         "format_version",
         "generator",
         "masks",
+        "policy_state",
         "settings",
         "step",
         "updates",
