@@ -19,4 +19,4 @@ pip=(.venv/bin/pip install -q --disable-pip-version-check -c constraints.txt)
 if [[ " $* " == *" --peer "* || " $* " == *"rigl-torch"* ]]; then
     "${pip[@]}" --no-deps rigl-torch==0.5.2
 fi
-exec .venv/bin/python examples/fashion_mnist.py "$@"
+exec .venv/bin/python examples/fashion_mnist "$@"
