@@ -119,7 +119,10 @@ class MaskMetrics:
                 continue
             counts[fqn] = ((after & ~before).sum(), after.sum())
             if self.ever is not None:
-                self.ever[fqn] |= after
+                union = self.ever[fqn]
+                if union.device != after.device:  # the model moved since then
+                    union = self.ever[fqn] = union.to(after.device)
+                union |= after
         ever = None
         if self.ever is not None:
             ever = [e.sum() for e in self.ever.values()]

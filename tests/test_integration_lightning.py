@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import sparsetorch as st
+from sparsetorch._checkpoint import decode_mask
 from sparsetorch.integrations.lightning import SparseTraining
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,6 +191,40 @@ def test_resume_with_ckpt_path_is_bit_exact(case: str, tmp_path: Path):
     t2.fit(module2, loader(), ckpt_path=tmp_path / "epoch=0.ckpt")
     assert_same(final_state(t2, module2, cb2), expected)
     assert (cb2.mask_change, cb2.itop_rate) == (cb.mask_change, cb.itop_rate)
+
+
+def test_resume_from_an_older_callback_checkpoint_keeps_itop(tmp_path: Path):
+    """Callbacks before sparsetorch.metrics kept the ITOP masks in their own state."""
+    save = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
+    module, cb = Tiny(), sparse(update_interval=2, itop=True)
+    t = trainer([cb, save], max_epochs=3, enable_checkpointing=True)
+    t.fit(module, loader())
+    path = tmp_path / "epoch=0.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    state = checkpoint["callbacks"]["SparseTraining"]
+    ever = state["sparsifier"].pop("metrics")["ever_active"]
+    state["ever_active"] = {  # the older layout: plain bool tensors
+        fqn: decode_mask(entry, fqn, tuple(entry["shape"]), entry["active"])
+        for fqn, entry in ever.items()
+    }
+    torch.save(checkpoint, path)
+    module2, cb2 = Tiny(seed=1), sparse(update_interval=2, itop=True)
+    trainer([cb2], max_epochs=3).fit(module2, loader(), ckpt_path=path)
+    assert (cb2.mask_change, cb2.itop_rate) == (cb.mask_change, cb.itop_rate)
+    assert cb.itop_rate is not None and cb.itop_rate > 0.25
+
+
+def test_flops_after_fit_count_the_trainers_run_length():
+    module, cb = Tiny(), sparse(policy="static", distribution="uniform")
+    trainer([cb], max_epochs=2).fit(module, loader())
+    assert cb.sparsifier is not None
+    report = cb.sparsifier.flops()
+    # 12 steps of 8 examples; f_S = 2 * (72 + 36), f_D = 2 * (288 + 144)
+    assert (report.total_steps, report.batch_size) == (12, 8)
+    assert (report.training_flops, report.dense_training_flops) == (
+        3 * 216 * 12,
+        3 * 864 * 12,
+    )
 
 
 def test_resume_keeps_the_checkpoints_run_length_unless_total_steps_is_given(

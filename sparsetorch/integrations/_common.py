@@ -45,7 +45,7 @@ class SparsifyArguments:
         total_steps = self.total_steps
         if total_steps is None and self.end_step is None:
             total_steps = LENGTH_NOT_YET_KNOWN
-        return sparsify(
+        sparsifier = sparsify(
             model,
             None,
             policy=self.policy,
@@ -63,3 +63,6 @@ class SparsifyArguments:
             seed=self.seed,
             execution=self.execution,
         )
+        if total_steps == LENGTH_NOT_YET_KNOWN:
+            sparsifier.total_steps = None  # not a length: set at fit start
+        return sparsifier

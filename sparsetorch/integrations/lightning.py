@@ -32,10 +32,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from sparsetorch._checkpoint import encode_mask
 from sparsetorch.integrations._common import SparsifyArguments
 from sparsetorch.policies.base import Policy
 from sparsetorch.sparsifier import Sparsifier
@@ -73,7 +73,10 @@ class SparseTraining(SparsifyArguments, Callback):
       rate of Liu et al. 2021 (https://arxiv.org/abs/2102.02887), the fraction of
       the masked weights that were active at some point of the run. It keeps one
       bool per masked weight (as much memory as the masks), checkpointed with the
-      callback.
+      sparsifier.
+
+    These are :meth:`sparsetorch.Sparsifier.metrics`, recorded by the
+    sparsifier at each update (see :mod:`sparsetorch.metrics`).
 
     Args:
         policy: ``"rigl"``, ``"set"``, ``"static"`` or a
@@ -163,11 +166,6 @@ class SparseTraining(SparsifyArguments, Callback):
         self._sparsifier: Sparsifier | None = None
         self._module: pl.LightningModule | None = None
         self._run_steps: int | None = total_steps  # the schedule's total_steps
-        self._seen_updates = 0
-        self._before_update: dict[str, Tensor] | None = None
-        self._ever_active: dict[str, Tensor] | None = None
-        self._itop: float | None = None
-        self.mask_change = 0.0
 
     # -- what users read ----------------------------------------------------------
 
@@ -179,10 +177,16 @@ class SparseTraining(SparsifyArguments, Callback):
     @property
     def itop_rate(self) -> float | None:
         """Fraction of the masked weights ever active (``None`` unless ``itop``)."""
-        if self._ever_active is None:
+        if self._sparsifier is None:
             return None
-        ever = sum(int(e.sum()) for e in self._ever_active.values())
-        return ever / sum(e.numel() for e in self._ever_active.values())
+        return self._sparsifier.metrics().get("sparsity/itop")
+
+    @property
+    def mask_change(self) -> float:
+        """Fraction of the active weights the last update grew (0 before any)."""
+        if self._sparsifier is None:
+            return 0.0
+        return self._sparsifier.metrics()["sparsity/mask_change"]
 
     # -- the Trainer's order of events -------------------------------------------
 
@@ -215,10 +219,7 @@ class SparseTraining(SparsifyArguments, Callback):
         self._sparsifier = self._sparsify_model(pl_module)
         self._module = pl_module
         if self.itop:
-            self._ever_active = {
-                fqn: m.clone() for fqn, m in self._sparsifier.masks.items()
-            }
-            self._itop = self.itop_rate
+            self._sparsifier.track_itop()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Attach the optimizer from ``configure_optimizers``; fix the run length."""
@@ -247,29 +248,10 @@ class SparseTraining(SparsifyArguments, Callback):
         ):
             self._run_steps = _run_length(trainer)
             sparsifier.set_total_steps(self._run_steps)
-        self._seen_updates = sparsifier.update_count
-        if self._ever_active is not None:  # the strategy moved the masks
-            masks = sparsifier.masks
-            self._ever_active = {
-                fqn: ever.to(masks[fqn].device)
-                for fqn, ever in self._ever_active.items()
-            }
-
-    def on_before_optimizer_step(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        optimizer: torch.optim.Optimizer,
-    ) -> None:
-        """Before an update step, keep the masks to measure what it changes."""
-        sparsifier = self._sparsifier
-        if (
-            sparsifier is None
-            or self._before_update is not None
-            or sparsifier.next_update_step() != sparsifier.step_count + 1
-        ):
-            return
-        self._before_update = {fqn: m.clone() for fqn, m in sparsifier.masks.items()}
+        if sparsifier.total_steps is None:  # for sparsifier.flops()
+            estimate = trainer.estimated_stepping_batches
+            if estimate != float("inf") and estimate >= 1:
+                sparsifier.total_steps = int(estimate)
 
     def on_train_batch_end(
         self,
@@ -279,65 +261,29 @@ class SparseTraining(SparsifyArguments, Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        """Measure the last update (once, when it happened) and log the metrics."""
-        sparsifier = self._require_sparsifier("on_train_batch_end")
-        if sparsifier.update_count != self._seen_updates:
-            self._measure_update(sparsifier)
-        elif self._before_update is not None and (
-            sparsifier.next_update_step() != sparsifier.step_count + 1
-        ):
-            self._before_update = None  # the update was skipped (NaN)
+        """Log the metrics (:meth:`sparsetorch.Sparsifier.metrics`)."""
+        self._require_sparsifier("on_train_batch_end")
         if self.log_metrics:
             pl_module.log_dict(self.metrics(), on_step=True, on_epoch=False)
 
     def metrics(self) -> dict[str, float]:
         """The logged metrics now (see the class docstring)."""
-        sparsifier = self._require_sparsifier("metrics")
-        targets = sparsifier.topology.targets
-        active = sum(targets.values())
-        numel = sum(m.numel() for m in sparsifier.masks.values())
-        out = {
-            "sparsity/sparsity": 1.0 - active / numel,
-            "sparsity/mask_change": self.mask_change,
-            "sparsity/updates": float(sparsifier.update_count),
-        }
-        if self._itop is not None:
-            out["sparsity/itop"] = self._itop
-        return out
-
-    def _measure_update(self, sparsifier: Sparsifier) -> None:
-        masks = sparsifier.masks
-        before = self._before_update
-        if before is not None:
-            grown = sum(int((masks[f] & ~before[f]).sum()) for f in masks)
-            self.mask_change = grown / sum(sparsifier.topology.targets.values())
-        self._before_update = None
-        if self._ever_active is not None:
-            for fqn, ever in self._ever_active.items():
-                ever |= masks[fqn]
-            self._itop = self.itop_rate
-        self._seen_updates = sparsifier.update_count
+        return self._require_sparsifier("metrics").metrics()
 
     # -- checkpoints --------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The sparsifier state, the run length and the metrics' state.
+        """The sparsifier state (with the metrics' state) and the run length.
 
         Lightning stores it in ``checkpoint["callbacks"][self.state_key]``; it
         loads with ``torch.load(..., weights_only=True)``.
         """
         if self._sparsifier is None:
             return {}
-        state: dict[str, Any] = {
+        return {
             "sparsifier": self._sparsifier.state_dict(),
             "total_steps": self._run_steps,
-            "mask_change": self.mask_change,
         }
-        if self._ever_active is not None:
-            state["ever_active"] = {
-                fqn: ever.cpu().clone() for fqn, ever in self._ever_active.items()
-            }
-        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the sparsifier after the checkpoint's weights were loaded.
@@ -349,29 +295,19 @@ class SparseTraining(SparsifyArguments, Callback):
         if self._sparsifier is None or not state_dict:
             return  # not fitting (validate / test), or a checkpoint without it
         sparsifier = self._sparsifier
+        saved = _with_old_itop(state_dict)
         saved_steps = state_dict.get("total_steps")
         settable = sparsifier.policy.dynamic and self.end_step is None
         if settable and saved_steps is not None and saved_steps != self._run_steps:
             # The checkpoint's schedule, so that its settings match; then the
             # total_steps given to this callback, if any, extends the run.
             sparsifier.set_total_steps(saved_steps)
-            sparsifier.load_state_dict(state_dict["sparsifier"])
+            sparsifier.load_state_dict(saved)
             if self.total_steps is not None:
                 sparsifier.set_total_steps(self.total_steps)
             self._run_steps = self.total_steps or saved_steps
         else:
-            sparsifier.load_state_dict(state_dict["sparsifier"])
-        self.mask_change = float(state_dict.get("mask_change", 0.0))
-        self._seen_updates = sparsifier.update_count
-        ever = state_dict.get("ever_active")
-        if self._ever_active is not None:
-            for fqn, mask in sparsifier.masks.items():
-                self._ever_active[fqn] = (
-                    ever[fqn].to(mask.device) | mask
-                    if ever is not None and fqn in ever
-                    else mask.clone()
-                )
-            self._itop = self.itop_rate
+            sparsifier.load_state_dict(saved)
 
     # -- helpers ------------------------------------------------------------------
 
@@ -401,6 +337,29 @@ class SparseTraining(SparsifyArguments, Callback):
                 "layers in __init__ (or the module's setup), not in "
                 "configure_model, or leave them out with exclude=[...]."
             )
+
+
+def _with_old_itop(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The sparsifier state, with the ITOP masks of an older callback checkpoint.
+
+    Callbacks before ``sparsetorch.metrics`` kept them as ``"ever_active"``
+    (``{tensor_fqn: bool tensor}``) in their own state.
+    """
+    saved: Mapping[str, Any] = state_dict["sparsifier"]
+    ever = state_dict.get("ever_active")
+    if ever is None or "metrics" in saved or not isinstance(ever, Mapping):
+        return saved
+    return {
+        **saved,
+        "metrics": {
+            "history": [],
+            "last": {},
+            "ever_active": {
+                fqn: encode_mask(mask) if isinstance(mask, Tensor) else mask
+                for fqn, mask in ever.items()
+            },
+        },
+    }
 
 
 def _run_length(trainer: pl.Trainer) -> int:
