@@ -206,3 +206,61 @@ def _check_shape(fqn: str, stored: tuple[int, ...], shape: tuple[int, ...]) -> N
             f"Mask {fqn!r} has shape {stored} in the checkpoint but the weight has "
             f"shape {shape}."
         )
+
+
+# -- the layout torch.distributed.checkpoint reshards (FSDP2) ----------------------
+
+#: ``format_version`` of :func:`to_dcp_layout`'s dicts.
+DCP_VERSION = 3
+
+
+def pack_rows(mask: Tensor) -> Tensor:
+    """Each row of a bool mask bit-packed (``uint8``, most significant bit first).
+
+    Shape ``(rows, ceil(row_numel / 8))``, zero-padded per row: rows stay whole,
+    so a mask sharded on dim 0 packs shard by shard and
+    ``torch.distributed.checkpoint`` reshards the packed rows like the weight's.
+
+    Example::
+
+        >>> pack_rows(torch.tensor([[True, False, True], [False, False, True]]))
+        tensor([[160],
+                [ 32]], dtype=torch.uint8)
+    """
+    shape = tuple(mask.shape) or (1,)
+    rows = mask.reshape(shape[0], math.prod(shape[1:])).cpu()
+    padded = torch.cat([rows, rows.new_zeros(rows.shape[0], (-rows.shape[1]) % 8)], 1)
+    packed = padded.view(rows.shape[0], padded.shape[1] // 8, 8).to(torch.uint8)
+    packed *= _BIT_WEIGHTS
+    return packed.sum(2, dtype=torch.uint8)  # (rows, ceil(row_numel / 8))
+
+
+def unpack_rows(data: object, fqn: str, shape: tuple[int, ...]) -> Tensor:
+    """The bool mask of ``shape`` (rows of a shard, or a whole tensor) from
+    :func:`pack_rows`, checked.
+
+    Raises:
+        TypeError: ``data`` is not a ``uint8`` tensor.
+        ValueError: its shape does not fit, or a padding bit is set.
+    """
+    data = _check_tensor(data, fqn, "data")
+    if data.dtype != torch.uint8:
+        raise TypeError(
+            f"Mask {fqn!r}: row-packed data must be torch.uint8, got {data.dtype}."
+        )
+    rows = shape[0] if shape else 1
+    row_numel = math.prod(shape[1:]) if shape else 1
+    expected = (rows, math.ceil(row_numel / 8))
+    if tuple(data.shape) != expected:
+        raise ValueError(
+            f"Mask {fqn!r}: row-packed data has shape {tuple(data.shape)}, but "
+            f"rows of shape {shape} need {expected}: the checkpoint is from "
+            "another model."
+        )
+    bits = ((data.cpu().unsqueeze(2) >> _SHIFTS) & 1).bool()
+    bits = bits.view(rows, expected[1] * 8)
+    if bool(bits[:, row_numel:].any()):
+        raise ValueError(
+            f"Mask {fqn!r}: the padding bits are not zero: the checkpoint is corrupted."
+        )
+    return bits[:, :row_numel].reshape(shape)

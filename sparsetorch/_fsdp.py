@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from sparsetorch._stash import Stash
 from sparsetorch.parametrization import local
 from sparsetorch.policies import base
 
@@ -98,11 +99,12 @@ def is_sharded(topology: Topology) -> bool:
 
 
 @torch.no_grad()
-def adopt_sharding(topology: Topology) -> bool:
+def adopt_sharding(topology: Topology, stash: Stash | None = None) -> bool:
     """Shard the masks of weights that ``fully_shard`` sharded since the last call.
 
     Cheap when nothing changed: one identity check per tensor. Returns whether
-    the topology is sharded.
+    the topology is sharded. ``stash`` keeps what masking a stale (loaded)
+    shard cuts (:meth:`~sparsetorch.MaskParametrization.remask_shard`).
 
     Raises:
         RuntimeError: a placement other than FSDP2's ``Shard(0)`` on a 1-D mesh,
@@ -122,27 +124,16 @@ def adopt_sharding(topology: Topology) -> bool:
             continue
         sharded = True
         current = None if p._param is None else p._param()
-        if p.sharded and current is param:
+        if p.sharded and current is param and not p.stale:
             continue
         if not p.sharded:
-            shard = shard_of(fqn, param)
-            rows = local(param).shape[0]
-            first = shard.offset // max(1, math.prod(param.shape[1:]))
-            mask = p.mask[first : first + rows].clone()
-            p.mask = module.DTensor.from_local(
-                mask,
-                param.device_mesh,
-                param.placements,
-                shape=param.shape,
-                stride=param.stride(),
-                run_check=False,
-            )
+            p.mask = like_rows(local_rows(fqn, p.mask, param), param)
             p.release()
             p.active = None
             p.sharded = True
+        p.stash = stash
         p.attach(param)
-        p.stale = False
-        local(param).mul_(local(p.mask))
+        p.remask_shard()
     if sharded and plain:
         raise RuntimeError(
             f"Some masked weights are sharded by FSDP2 and others are not: {plain} "
@@ -225,10 +216,9 @@ def top_sharded(
     needed = k
     tied_total = 0
     for shift in range(width - 8, -1, -8):
-        if shift == width - 8:  # the top byte holds the sign: shift arithmetically
-            buckets = (keys >> shift) + 128
-        else:
-            buckets = (keys >> shift) & 0xFF
+        # The top byte holds the sign: shifted arithmetically, it runs -128..127.
+        top = shift == width - 8
+        buckets = (keys >> shift) + 128 if top else (keys >> shift) & 0xFF
         hist = _all_reduce(torch.bincount(buckets, minlength=_BINS), shard.group)
         from_top = hist.flip(0).cumsum(0)
         j = _BINS - 1 - int(torch.searchsorted(from_top, needed))
@@ -330,3 +320,27 @@ def _check_finite_everywhere(
 def sum_over_ranks(counts: Tensor) -> Tensor:
     """``counts`` summed over every rank (the shards' counts: the whole tensor's)."""
     return _all_reduce(counts.clone(), None)
+
+
+def local_rows(fqn: str, whole: Tensor, param: Tensor) -> Tensor:
+    """This rank's rows of ``whole``, a tensor of the sharded ``param``'s shape."""
+    shard = shard_of(fqn, param)
+    rows = local(param).shape[0]
+    first = shard.offset // max(1, math.prod(param.shape[1:]))
+    return whole[first : first + rows].clone()
+
+
+def like_rows(packed: Tensor, param: Tensor) -> Tensor:
+    """``packed`` (this shard's rows of a per-row encoding) as a DTensor sharded
+    like ``param``: ``torch.distributed.checkpoint`` then reshards it by rows."""
+    module = _dtensor_module()
+    rows = param.shape[0]
+    shape = (rows, *packed.shape[1:])
+    return module.DTensor.from_local(  # type: ignore[no-any-return]
+        packed,
+        param.device_mesh,  # type: ignore[attr-defined]
+        param.placements,  # type: ignore[attr-defined]
+        shape=torch.Size(shape),
+        stride=torch.empty(shape, device="meta").stride(),
+        run_check=False,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 import weakref
@@ -10,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+
+from sparsetorch._stash import Stash
 
 _np: types.ModuleType | None
 try:
@@ -30,7 +33,7 @@ def local(tensor: Tensor) -> Tensor:
     """
     dtensor = sys.modules.get("torch.distributed.tensor")
     if dtensor is not None and isinstance(tensor, dtensor.DTensor):
-        return tensor._local_tensor
+        return tensor._local_tensor  # type: ignore[no-any-return]
     return tensor
 
 
@@ -124,6 +127,9 @@ class MaskParametrization(nn.Module):
         #: mask), and the gradient is masked shard by shard after FSDP's
         #: reduce-scatter.
         self.sharded = False
+        #: Keeps what :meth:`remask_shard` cuts, until the sparsifier's masks
+        #: are loaded (set with :attr:`sharded`).
+        self.stash: Stash | None = None
         self._param: weakref.ReferenceType[Tensor] | None = None
         self._handles: list[RemovableHandle] = []
         self._grad_token: tuple[weakref.ReferenceType[Tensor], int] | None = None
@@ -167,6 +173,25 @@ class MaskParametrization(nn.Module):
                 X.mul_(self.mask)
             self.stale = False
         return X
+
+    @torch.no_grad()
+    def remask_shard(self) -> None:
+        """Mask the stored weight's shard now (FSDP2), keeping what it cuts.
+
+        Under FSDP2 the forward sees only FSDP's all-gathered copy, so a load
+        cannot be masked there: the shard is masked as soon as it is loaded,
+        and the values cut are kept in :attr:`stash`, which a
+        ``sparsifier.load_state_dict`` next puts back before applying the
+        loaded masks (so the load order does not matter).
+        """
+        param = None if self._param is None else self._param()
+        if param is not None:
+            weight, mask = local(param), local(self.mask)
+            if self.stash is None:
+                _mask_(weight, mask)
+            else:
+                self.stash.keep(weight, mask, functools.partial(_mask_, weight, mask))
+        self.stale = False
 
     def right_inverse(self, value: Tensor) -> Tensor:
         """Refuse ``module.weight = tensor`` on a sparsified weight (once attached).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import warnings
 import weakref
@@ -15,10 +16,13 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from sparsetorch import _distributed, _fsdp, _optim
 from sparsetorch._checkpoint import (
+    DCP_VERSION,
     FORMAT_VERSION,
     READABLE_VERSIONS,
     decode_mask,
     encode_mask,
+    pack_rows,
+    unpack_rows,
 )
 from sparsetorch._stash import Stash
 from sparsetorch.execution import export_sparse, mask_mode_reasons, set_execution
@@ -826,13 +830,22 @@ class Sparsifier:
 
     # -- checkpoints --------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, *, sharded: bool | None = None) -> dict[str, Any]:
         """Plain data and tensors: loads with ``torch.load(..., weights_only=True)``.
 
         Holds the masks, the step and update counts, the generator state, and the
         settings (policy, schedule, per-tensor sparsity) for checking on load.
         Format version 2: each mask is stored bit-packed or as the positions of
         its active weights, whichever is smaller (see ``docs/reliability.md``).
+
+        With ``sharded`` (the default when FSDP2 shards the weights), the layout
+        that ``torch.distributed.checkpoint`` saves and reshards (format version
+        3): each mask's rows bit-packed (``uint8``, ``ceil(row_numel / 8)``
+        bytes per row), a DTensor sharded like its weight when the weights are
+        sharded, and the rest of the state in one serialized entry. A run
+        saved at one world size loads at any other, and unsharded
+        (``state_dict(sharded=True)`` gives the template to load into):
+        see ``docs/distributed.md``.
 
         Example::
 
@@ -845,12 +858,20 @@ class Sparsifier:
             >>> state["masks"]["0.weight"]["data"].dtype
             torch.int16
         """
+        self._sync_sharding()
+        if self.sharded if sharded is None else sharded:
+            return self._dcp_layout()
+        return self._state()
+
+    def _state(self, masks: bool = True) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION,
             "step": self.step_count,
             "updates": self.update_count,
             "generator": self.generator.get_state(),
-            "masks": {fqn: encode_mask(m) for fqn, m in self.masks.items()},
+            "masks": {fqn: encode_mask(m) for fqn, m in self.masks.items()}
+            if masks
+            else {},
             "settings": self._settings(),
             **self._metrics_state(),
             "active": self.topology.targets,
@@ -859,6 +880,79 @@ class Sparsifier:
                 "pruned_at_init": self.pruned_at_init,
             },
         }
+
+    def _packed(self, fqn: str, mask: Tensor) -> Tensor:
+        """``mask``'s rows bit-packed, sharded like its weight when it is."""
+        if not self.sharded:
+            return pack_rows(mask)
+        return _fsdp.like_rows(pack_rows(local(mask)), self.topology.params[fqn])
+
+    def _dcp_layout(self) -> dict[str, Any]:
+        """:meth:`state_dict` in the layout DCP reshards (format version 3)."""
+        state = self._state(masks=False)
+        del state["masks"]
+        ever = self._mask_metrics.ever
+        if "metrics" in state:  # the ITOP masks are stored packed, below
+            state["metrics"].pop("ever_active", None)
+        state["itop"] = ever is not None
+        blob = io.BytesIO()
+        torch.save(state, blob)
+        out: dict[str, Any] = {
+            "format_version": DCP_VERSION,
+            "masks": {fqn: self._packed(fqn, m) for fqn, m in self.masks.items()},
+            "state": blob.getvalue(),
+        }
+        if ever is not None:
+            out["itop"] = {fqn: self._packed(fqn, e) for fqn, e in ever.items()}
+        return out
+
+    def _from_dcp_layout(
+        self, state_dict: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
+        """A format-3 dict as the format-1 dict it holds (bool masks: this
+        shard's when sharded, checked over all ranks), and the ITOP masks."""
+        blob = state_dict.get("state")
+        if not isinstance(blob, bytes):
+            raise TypeError(
+                "The sparsifier checkpoint (format_version 3) must hold its state "
+                f"as bytes under 'state', got {type(blob).__name__}."
+            )
+        state = dict(torch.load(io.BytesIO(blob), weights_only=True))
+        params = self.topology.params
+
+        def unpack(entries: object, what: str) -> dict[str, Tensor]:
+            if not isinstance(entries, Mapping) or set(entries) != set(params):
+                raise ValueError(
+                    f"The sparsifier checkpoint's {what} do not name this "
+                    f"sparsifier's tensors {sorted(params)}: it is from another "
+                    "model."
+                )
+            return {
+                fqn: unpack_rows(
+                    local(entries[fqn]), fqn, tuple(local(params[fqn]).shape)
+                )
+                for fqn in params
+            }
+
+        masks = unpack(state_dict.get("masks"), "masks")
+        ever = unpack(state_dict["itop"], "ITOP masks") if state["itop"] else None
+        if self.sharded:  # each rank holds rows: check the counts over all ranks
+            counts = _fsdp.sum_over_ranks(
+                torch.stack([m.sum() for m in masks.values()]).long()
+            ).tolist()
+            expected = _stored_counts(state, self.topology.final_targets, params)
+            for (fqn, count), want in zip(
+                zip(masks, counts, strict=True), expected.values(), strict=True
+            ):
+                if count != want:
+                    raise ValueError(
+                        f"Mask {fqn!r} has {count} active weights over the "
+                        f"checkpoint's shards, but {want} are expected: the "
+                        "checkpoint is corrupted or from other settings."
+                    )
+        state["format_version"] = 1  # plain bool masks from here on
+        state["masks"] = masks
+        return state, ever
 
     def _metrics_state(self) -> dict[str, Any]:
         """``{"metrics": ...}`` once there is something to keep, else ``{}``."""
@@ -895,13 +989,16 @@ class Sparsifier:
             RuntimeError: the weights were sharded (FSDP) after sparsifying.
         """
         self._check_live()
-        _distributed.check_params_unsharded(self.topology.params)
         if not isinstance(state_dict, Mapping):
             raise TypeError(
                 "Sparsifier.load_state_dict takes the dict made by "
                 f"sparsifier.state_dict(), got {type(state_dict).__name__}.\n"
                 'Load the file first: torch.load(path, weights_only=True)["sparsity"].'
             )
+        from_dcp = state_dict.get("format_version") == DCP_VERSION
+        dcp_ever = None
+        if from_dcp:
+            state_dict, dcp_ever = self._from_dcp_layout(state_dict)
         version = _check_version(state_dict)
         missing = sorted(
             {"step", "updates", "generator", "masks", "settings"} - set(state_dict)
@@ -966,22 +1063,33 @@ class Sparsifier:
             entry = masks[fqn]
             if layout.ablate and isinstance(entry, Mapping) and "active" in entry:
                 targets[fqn] = entry["active"]  # rows ablated: checked below
-        loaded = {
-            fqn: decode_mask(
-                masks[fqn], fqn, tuple(mask.shape), targets[fqn], version=version
-            )
-            for fqn, mask in mine.items()
-        }
+        params = self.topology.params
+        if self.sharded and from_dcp:
+            loaded = dict(masks)  # this rank's rows, checked over all ranks
+        else:
+            loaded = {
+                fqn: decode_mask(
+                    masks[fqn], fqn, tuple(mask.shape), targets[fqn], version=version
+                )
+                for fqn, mask in mine.items()
+            }
+            if self.sharded:  # a whole (unsharded) checkpoint: this rank's rows
+                loaded = {
+                    fqn: _fsdp.local_rows(fqn, m, params[fqn])
+                    for fqn, m in loaded.items()
+                }
         for fqn, layout in layouts.items():
             check_loaded_mask(fqn, loaded[fqn], layout)
         metrics = state_dict.get("metrics")
         if metrics is not None:
             metrics = self._mask_metrics.check_state(metrics, mine)
+            if dcp_ever is not None:
+                metrics["ever"] = dcp_ever
         # Everything is checked: from here on state changes.
         self._stash.restore()  # what the masks in place cut since the last write
         with torch.no_grad():
             for fqn, mask in loaded.items():
-                mine[fqn].copy_(mask)
+                local(mine[fqn]).copy_(mask)
         self.topology.set_targets(targets)
         self.signals = signals
         self.pruned_at_init = pruned
@@ -992,7 +1100,9 @@ class Sparsifier:
         self.generator.set_state(generator_state)
         self.step_count = counts["step"]
         self.update_count = counts["updates"]
-        self._mask_metrics.load_checked(metrics, self.masks)
+        self._mask_metrics.load_checked(
+            metrics, {fqn: local(m) for fqn, m in self.masks.items()}
+        )
         self._counted_by_hand = False  # a restored count, not one counted here
         self._arm()
 
@@ -1051,7 +1161,7 @@ class Sparsifier:
 
     def _sync_sharding(self) -> None:
         """Follow ``fully_shard`` (FSDP2): shard the masks like their weights."""
-        if _fsdp.adopt_sharding(self.topology) and not self.sharded:
+        if _fsdp.adopt_sharding(self.topology, self._stash) and not self.sharded:
             if self.topology.layouts:
                 raise RuntimeError(
                     "Structured masks (N:M, constant fan-in) are not supported "
@@ -1068,6 +1178,13 @@ class Sparsifier:
                     "with DistributedDataParallel."
                 )
             self.sharded = True
+            ever = self._mask_metrics.ever
+            if ever is not None:  # the ITOP masks: this rank's rows too
+                params = self.topology.params
+                self._mask_metrics.ever = {
+                    fqn: _fsdp.local_rows(fqn, e, params[fqn])
+                    for fqn, e in ever.items()
+                }
 
     def set_execution(self, execution: str) -> None:
         """Switch the masked ``nn.Linear`` layers to ``execution``.
@@ -1341,8 +1458,10 @@ class Sparsifier:
         rows = []
         total_active = total_numel = 0
         sparsities = self.topology.sparsities
+        counts = self.topology.targets  # exact: under FSDP2, no collective
         for fqn, mask in self.masks.items():
-            active, numel = int(mask.sum()), mask.numel()
+            active = counts[fqn] if self.sharded else int(mask.sum())
+            numel = mask.numel()
             total_active += active
             total_numel += numel
             shape = "(" + ", ".join(str(d) for d in mask.shape) + ")"

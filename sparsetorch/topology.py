@@ -732,6 +732,8 @@ def _mark_stale(module: nn.Module, incompatible_keys: Any, *, names: list[str]) 
                 current = None if p._param is None else p._param()
                 if current is not plist.original:
                     p.attach(plist.original)
+                if p.sharded:  # FSDP2: the forward cannot mask; mask the shard
+                    p.remask_shard()
     for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
         keys[:] = [_dense_key(key, names) for key in keys]
 

@@ -1,0 +1,382 @@
+"""FSDP2 (``fully_shard``) on CPU: 2 and 4 processes on gloo.
+
+Every scenario trains the same model on the same data as a single process does
+(each rank takes its slice of the global batch) and compares the full masks,
+gathered for the test only: they must be identical, and the weights equal to
+float64 rounding. After every optimizer step, the weight shards, gradient
+shards and optimizer state shards must be zero outside the mask shards.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import exit_worker, spawn_ranks
+from expecttest import assert_expected_inline
+from torch import Tensor, nn
+
+import sparsetorch as st
+from sparsetorch import _fsdp
+
+STEPS = 12  # updates at steps 2, 4, 6, 8 (end_step = 9)
+BATCH = 8
+
+
+def build(seed: int = 0) -> nn.Sequential:
+    """Two hidden layers and a 5-row head: on 4 ranks its last shard is empty."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 5)
+    ).double()
+
+
+def batch(step: int, world: int, rank: int, micro: int = 0, micros: int = 1):
+    """This rank's slice of micro-batch ``micro`` of the global batch of ``step``."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(BATCH, 8, generator=g, dtype=torch.float64)
+    y = torch.randn(BATCH, 5, generator=g, dtype=torch.float64)
+    size = BATCH // micros
+    x, y = x[micro * size : (micro + 1) * size], y[micro * size : (micro + 1) * size]
+    n = size // world
+    return x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
+
+
+def shard(model: nn.Module, *, reshard_after_forward: bool = True, **kwargs: Any):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in (model[0], model[2], model[4]):
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
+
+
+def local(t: Tensor) -> Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # type: ignore[no-any-return]
+
+
+def full(t: Tensor) -> Tensor:
+    t = t.detach()
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()  # type: ignore[no-any-return]
+
+
+def outside(sparsifier: st.Sparsifier, optimizer: torch.optim.Optimizer) -> int:
+    """Nonzeros outside the masks in this rank's weight, gradient and state shards."""
+    count = 0
+    for fqn, param in sparsifier.topology.params.items():
+        off = ~local(sparsifier.masks[fqn])
+        tensors = [param, param.grad, *optimizer.state[param].values()]
+        for t in tensors:
+            if isinstance(t, Tensor) and t.shape == param.shape:
+                count += int(local(t)[off].count_nonzero())
+    return count
+
+
+def train(
+    world: int,
+    rank: int,
+    policy: str,
+    *,
+    micros: int = 1,
+    steps: range = range(STEPS),
+    setup: Callable[[nn.Module], None] | None = None,
+    model: nn.Module | None = None,
+    sparsifier: st.Sparsifier | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> tuple[nn.Module, st.Sparsifier, torch.optim.Optimizer, list[int]]:
+    """Train (or continue) one run; return it and the nonzeros outside per step."""
+    if model is None:
+        model = build()
+        sparsifier = st.sparsify(
+            model,
+            policy=policy,
+            sparsity=0.75,
+            distribution="uniform",
+            total_steps=STEPS,
+            update_interval=2,
+        )
+        if world > 1:
+            (setup or shard)(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+        sparsifier.attach_optimizer(optimizer)
+    assert sparsifier is not None and optimizer is not None
+    leaks = []
+    for step in steps:
+        optimizer.zero_grad()
+        for micro in range(micros):
+            x, y = batch(step, world, rank, micro, micros)
+            (((model(x) - y) ** 2).mean() / micros).backward()
+        optimizer.step()
+        leaks.append(outside(sparsifier, optimizer))
+    return model, sparsifier, optimizer, leaks
+
+
+def gathered(sparsifier: st.Sparsifier) -> dict[str, Any]:
+    return {
+        "masks": {fqn: full(m) for fqn, m in sparsifier.masks.items()},
+        "weights": {fqn: full(p) for fqn, p in sparsifier.topology.params.items()},
+        "updates": sparsifier.update_count,
+    }
+
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "rigl": {"policy": "rigl"},
+    "set": {"policy": "set"},
+    # FSDP adds each micro-batch's reduce-scattered gradient to the shard: the
+    # dense gradient RigL grows by must still be the sum over micro-batches.
+    "rigl_accumulate": {"policy": "rigl", "micros": 2},
+    "rigl_keep_unsharded": {
+        "policy": "rigl",
+        "setup": functools.partial(shard, reshard_after_forward=False),
+    },
+}
+
+
+def _train_worker(rank: int, out: str) -> None:
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    results = {}
+    for name, kwargs in SCENARIOS.items():
+        _, sparsifier, _, leaks = train(world, rank, **kwargs)
+        results[name] = {**gathered(sparsifier), "leaks": leaks}
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+    exit_worker()
+
+
+@pytest.fixture(scope="module")
+def single() -> dict[str, Any]:
+    return {
+        name: gathered(train(1, 0, **kwargs)[1]) for name, kwargs in SCENARIOS.items()
+    }
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_masks_are_identical_to_one_process_at_any_world_size(
+    world: int, single: dict[str, Any], tmp_path: Path
+) -> None:
+    ranks = spawn_ranks(_train_worker, tmp_path, world)
+    for name, expected in single.items():
+        for result in ranks:
+            got = result[name]
+            assert got["leaks"] == [0] * STEPS, name  # zeros outside, every step
+            assert got["updates"] == expected["updates"] == 4, name
+            for fqn, mask in expected["masks"].items():
+                assert torch.equal(got["masks"][fqn], mask), (name, fqn)
+                torch.testing.assert_close(
+                    got["weights"][fqn], expected["weights"][fqn], rtol=0, atol=1e-12
+                )
+
+
+# -- selection on shards ------------------------------------------------------------
+
+
+def _top_worker(rank: int, out: str) -> None:
+    """:func:`_fsdp.top_sharded` on shards of fixed scores, ties included."""
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    results = {}
+    for name, scores in _score_cases().items():
+        n = scores.numel()
+        per = -(-n // world)
+        lo, hi = min(rank * per, n), min((rank + 1) * per, n)
+        shard = _fsdp.Shard(lo, hi - lo, n, None)
+        for k in (0, 1, n // 3, n // 2, n - 1, n):
+            g = torch.Generator().manual_seed(k)
+            chosen = _fsdp.top_sharded(scores[lo:hi], k, g, shard) + lo
+            results[f"{name}/{k}"] = (chosen, g.get_state())
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+    exit_worker()
+
+
+def _score_cases() -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return {
+        "distinct": torch.randn(37, generator=g),
+        "ties": torch.randint(0, 3, (41,), generator=g).float(),
+        "signs_and_zeros": torch.tensor([0.0, -0.0, -1.5, 2.0, -0.0, 0.0, 1e-30, -2.0]),
+        "infinities": torch.tensor([float("-inf"), 1.0, float("-inf"), 3.0, 1.0, 0.0]),
+        "float64": torch.randn(23, generator=g, dtype=torch.float64).round(decimals=1),
+    }
+
+
+def test_top_on_shards_selects_the_unsharded_top_with_the_same_tie_draws(
+    tmp_path: Path,
+) -> None:
+    from sparsetorch.policies.base import _top
+
+    ranks = spawn_ranks(_top_worker, tmp_path, 3)
+    for name, scores in _score_cases().items():
+        n = scores.numel()
+        for k in (0, 1, n // 3, n // 2, n - 1, n):
+            g = torch.Generator().manual_seed(k)
+            expected = torch.sort(_top(scores.clone(), k, g)).values
+            got = torch.cat([r[f"{name}/{k}"][0] for r in ranks])
+            assert torch.equal(torch.sort(got).values, expected), (name, k)
+            for r in ranks:  # the generator moved on exactly as unsharded
+                assert torch.equal(r[f"{name}/{k}"][1], g.get_state()), (name, k)
+
+
+# -- checkpoints with torch.distributed.checkpoint ----------------------------------
+
+SAVE_AT = 5  # save after 5 steps (between updates 2 and 3)
+
+
+def _dcp_state(model, optimizer, sparsifier) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    return {
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, optimizer),
+        "sparsity": sparsifier.state_dict(sharded=True),
+    }
+
+
+def _dcp_load(model, optimizer, sparsifier, path: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = _dcp_state(model, optimizer, sparsifier)
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    sparsifier.load_state_dict(state["sparsity"])
+
+
+def _full_state(model, optimizer, sparsifier) -> dict[str, Any]:
+    """Everything a continuation depends on, whole (for the test only)."""
+    return {
+        **gathered(sparsifier),
+        "optim": {
+            fqn: {k: full(v) for k, v in optimizer.state[p].items()}
+            for fqn, p in sparsifier.topology.params.items()
+        },
+        "step": sparsifier.step_count,
+        "generator": sparsifier.generator.get_state(),
+    }
+
+
+def _save_worker(rank: int, out: str) -> None:
+    """4 ranks: save at SAVE_AT, then run on to STEPS (the uninterrupted run)."""
+    import torch.distributed.checkpoint as dcp
+
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    model, sparsifier, optimizer, _ = train(world, rank, "rigl", steps=range(SAVE_AT))
+    dcp.save(_dcp_state(model, optimizer, sparsifier), checkpoint_id=f"{out}/ckpt")
+    saved = _full_state(model, optimizer, sparsifier)
+    train(
+        world, rank, "rigl", steps=range(SAVE_AT, STEPS), model=model,
+        sparsifier=sparsifier, optimizer=optimizer,
+    )
+    torch.save({"saved": saved, "end": gathered(sparsifier)}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+    exit_worker()
+
+
+def _resume(world: int, rank: int, path: str) -> dict[str, Any]:
+    model = build(seed=1)  # other weights: everything must come from the checkpoint
+    sparsifier = st.sparsify(
+        model, policy="rigl", sparsity=0.75, distribution="uniform",
+        total_steps=STEPS, update_interval=2, seed=5,
+    )
+    if world > 1:
+        shard(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    sparsifier.attach_optimizer(optimizer)
+    _dcp_load(model, optimizer, sparsifier, path)
+    loaded = _full_state(model, optimizer, sparsifier)
+    _, _, _, leaks = train(
+        world, rank, "rigl", steps=range(SAVE_AT, STEPS), model=model,
+        sparsifier=sparsifier, optimizer=optimizer,
+    )
+    return {"loaded": loaded, "end": gathered(sparsifier), "leaks": leaks}
+
+
+def _resume_worker(rank: int, out: str) -> None:
+    dist.init_process_group("gloo")
+    result = _resume(dist.get_world_size(), rank, f"{out}/../saved/ckpt")
+    # A corrupt shard: one bit flipped in rank 1's packed rows of one mask.
+    model = build()
+    sparsifier = st.sparsify(
+        model, policy="rigl", sparsity=0.75, distribution="uniform",
+        total_steps=STEPS, update_interval=2,
+    )
+    shard(model)
+    state = {"sparsity": sparsifier.state_dict()}
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(state, checkpoint_id=f"{out}/../saved/ckpt")
+    if rank == 1:
+        local(state["sparsity"]["masks"]["2.weight"])[0, 0] ^= 1
+    try:
+        sparsifier.load_state_dict(state["sparsity"])
+    except ValueError as error:
+        result["corrupt"] = str(error)
+    # Another sparsity: refused on the settings.
+    other = build()
+    sparsifier = st.sparsify(
+        other, policy="rigl", sparsity=0.5, distribution="uniform",
+        total_steps=STEPS, update_interval=2,
+    )
+    shard(other)
+    state = {"sparsity": sparsifier.state_dict()}
+    try:
+        dcp.load(state, checkpoint_id=f"{out}/../saved/ckpt")
+        sparsifier.load_state_dict(state["sparsity"])
+    except (ValueError, RuntimeError) as error:
+        result["other_sparsity"] = str(error).splitlines()[0]
+    torch.save(result, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+    exit_worker()
+
+
+def test_saved_on_4_ranks_resumes_on_2_and_on_1_exactly(tmp_path: Path) -> None:
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "resumed").mkdir()
+    four = spawn_ranks(_save_worker, tmp_path / "saved", 4)
+    saved, end = four[0]["saved"], four[0]["end"]
+    two = spawn_ranks(_resume_worker, tmp_path / "resumed", 2)
+    one = _resume(1, 0, str(tmp_path / "saved" / "ckpt"))
+    for result in [*two, one]:
+        # The loaded state is the saved one, bit for bit.
+        assert_same_state(result["loaded"], saved)
+        # The continuation: the same masks, weights to float64 rounding.
+        assert result["leaks"] == [0] * (STEPS - SAVE_AT)
+        assert result["end"]["updates"] == end["updates"] == 4
+        for fqn, mask in end["masks"].items():
+            assert torch.equal(result["end"]["masks"][fqn], mask), fqn
+            torch.testing.assert_close(
+                result["end"]["weights"][fqn], end["weights"][fqn], rtol=0, atol=1e-12
+            )
+    for result in two:
+        assert_expected_inline(
+            result["corrupt"],
+            """\
+Mask '2.weight' has 37 active weights over the checkpoint's shards, but 36 are expected: the checkpoint is corrupted or from other settings.""",
+        )
+        assert_expected_inline(
+            result["other_sparsity"], """The checkpoint was made with other settings:"""
+        )
+
+
+def assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
+    for key in ("masks", "weights"):
+        for fqn in b[key]:
+            assert torch.equal(a[key][fqn], b[key][fqn]), (key, fqn)
+    for fqn, state in b["optim"].items():
+        for k, v in state.items():
+            assert torch.equal(a["optim"][fqn][k], v), (fqn, k)
+    assert a["step"] == b["step"] == SAVE_AT
+    assert torch.equal(a["generator"], b["generator"])
