@@ -325,6 +325,51 @@ def test_activation_checkpointing_trains_the_same_run(
     assert_same(snapshot(*run), finished["snapshot"])
 
 
+class LogRecorder(TrainerCallback):
+    """The logs as a callback sees them."""
+
+    def __init__(self) -> None:
+        self.logs: list[dict[str, float]] = []
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any):
+        self.logs.append(dict(logs))
+
+
+def test_metrics_go_into_the_trainers_logs(tmp_path: Path):
+    callback = SparseTrainingCallback(sparsity=0.9, update_interval=2, itop=True)
+    before, after = LogRecorder(), LogRecorder()
+    arguments = TrainingArguments(
+        str(tmp_path), max_steps=STEPS, per_device_train_batch_size=4,
+        logging_steps=3, save_strategy="no", use_cpu=True, report_to=[],
+        disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(
+        gpt2(), arguments, train_dataset=Tokens(), callbacks=[before, callback, after]
+    )
+    trainer.train()
+    sparsifier = callback.sparsifier
+    assert sparsifier is not None
+    train_logs = [e for e in trainer.state.log_history if "loss" in e]
+    # logged after steps 3, 6, 9, 12; updates after 2, 4, 6, 8
+    assert [(e["step"], e["sparsity/updates"]) for e in train_logs] == [
+        (3, 1.0),
+        (6, 3.0),
+        (9, 4.0),
+        (12, 4.0),
+    ]
+    itop = [e["sparsity/itop"] for e in train_logs]
+    assert itop == sorted(itop) and itop[0] > 0.1
+    last = {k: v for k, v in train_logs[-1].items() if k.startswith("sparsity/")}
+    assert last == sparsifier.metrics()
+    assert [k for k in after.logs[0] if k.startswith("sparsity/")] == list(last)
+    assert not any(k.startswith("sparsity/") for k in before.logs[0])
+    assert sparsifier.total_steps == STEPS
+    # Moved first (as the docstring says for report_to), every callback sees them.
+    trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback))
+    trainer.log({"loss": 1.0})
+    assert before.logs[-1]["sparsity/itop"] == itop[-1]
+
+
 def test_run_length_comes_from_the_trainer(finished: dict[str, Any]):
     assert finished["sparsifier"].schedule.end_step == int(0.75 * STEPS)
 

@@ -82,6 +82,18 @@ class SparseTrainingCallback(SparsifyArguments, TrainerCallback):
     (GPT-2's ``lm_head``, BERT's decoder) stays dense and is listed in
     ``sparsifier.summary()``; GPT-2's ``Conv1D`` layers are sparsified.
 
+    Each time the Trainer logs (``logging_steps``), the callback adds
+    :meth:`sparsetorch.Sparsifier.metrics` to the logs: ``sparsity/sparsity``,
+    ``sparsity/mask_change`` (the share of active weights the last topology
+    update grew), ``sparsity/updates`` and, with ``itop=True``,
+    ``sparsity/itop`` (the share of masked weights ever active, Liu et al.
+    2021). They reach ``trainer.state.log_history`` and the callbacks after
+    this one (the console printer among them). The Trainer calls its
+    ``report_to`` integrations (TensorBoard, W&B, ...) before the callbacks
+    passed to it; to send the metrics there too, move this callback first:
+    ``trainer.callback_handler.callbacks.insert(0,
+    trainer.pop_callback(callback))``.
+
     Args:
         policy: ``"rigl"``, ``"set"``, ``"static"`` or a
             :class:`~sparsetorch.Policy`. Default: ``"rigl"``.
@@ -105,6 +117,10 @@ class SparseTrainingCallback(SparsifyArguments, TrainerCallback):
         grow_init: value of newly grown weights. Default: ``"zeros"``.
         seed: seed of the mask generator. Default: ``0``.
         execution: ``"mask"``, ``"sparse"`` or ``"auto"``. Default: ``"mask"``.
+        log_metrics: add the metrics above to the Trainer's logs.
+            Default: ``True``.
+        itop: track the ITOP rate (one more bool per masked weight, saved
+            with the sparsifier state). Default: ``False``.
 
     Raises:
         ValueError: at ``on_init_end``, the arguments as
@@ -144,6 +160,8 @@ class SparseTrainingCallback(SparsifyArguments, TrainerCallback):
         grow_init: str | float = "zeros",
         seed: int = 0,
         execution: str = "mask",
+        log_metrics: bool = True,
+        itop: bool = False,
     ) -> None:
         self.policy = policy
         self.sparsity = sparsity
@@ -159,6 +177,8 @@ class SparseTrainingCallback(SparsifyArguments, TrainerCallback):
         self.grow_init = grow_init
         self.seed = seed
         self.execution = execution
+        self.log_metrics = log_metrics
+        self.itop = itop
         self._sparsifier: Sparsifier | None = None
         self._run_steps: int | None = total_steps  # the schedule's total_steps
 
@@ -179,6 +199,8 @@ class SparseTrainingCallback(SparsifyArguments, TrainerCallback):
         """Sparsify the model, before weights load and Accelerate wraps it."""
         if self._sparsifier is None:
             self._sparsifier = self._sparsify_model(kwargs["model"])
+            if self.itop:
+                self._sparsifier.track_itop()
 
     def on_train_begin(
         self,
@@ -210,6 +232,8 @@ class SparseTrainingCallback(SparsifyArguments, TrainerCallback):
             saved = _read(_checkpoint_folder(args, state), weights, resumed=True)
         if sparsifier is None or late:
             sparsifier = self._sparsifier = self._sparsify_model(model)
+            if self.itop:
+                sparsifier.track_itop()
         sparsifier.attach_optimizer(kwargs["optimizer"])  # AcceleratedOptimizer
         if self.total_steps is None and self.end_step is None:
             # On resume, the checkpoint's run length: training for more steps
@@ -217,8 +241,27 @@ class SparseTrainingCallback(SparsifyArguments, TrainerCallback):
             run = saved["total_steps"] if saved is not None else None
             self._run_steps = run if run is not None else state.max_steps
             sparsifier.set_total_steps(self._run_steps)
+        if sparsifier.total_steps is None and state.max_steps > 0:
+            sparsifier.total_steps = state.max_steps  # for sparsifier.flops()
         if saved is not None:
             sparsifier.load_state_dict(saved["sparsifier"])
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Add the sparsifier's metrics to the logs and to the log history."""
+        if self._sparsifier is None or not self.log_metrics or logs is None:
+            return
+        metrics = self._sparsifier.metrics()
+        logs.update(metrics)
+        history = state.log_history
+        if history and history[-1].get("step") == state.global_step:
+            history[-1].update(metrics)  # the Trainer's copy of these logs
 
     def on_save(
         self,
