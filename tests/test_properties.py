@@ -72,6 +72,7 @@ class Case:
     seed: int
     save_at: int
     load_order: tuple[str, ...]
+    structure: str | None = None
 
     def model(self) -> nn.Module:
         torch.manual_seed(self.seed)
@@ -96,7 +97,7 @@ class Case:
     def sparsify(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, seed: int
     ) -> st.Sparsifier:
-        return st.sparsify(
+        sparsifier = st.sparsify(
             model,
             optimizer,
             policy=self.policy,
@@ -108,7 +109,12 @@ class Case:
             drop_schedule=self.drop_schedule,
             grow_init=self.grow_init,
             seed=seed,
+            structure=self.structure,
         )
+        if self.policy == "snip":  # its masks come from one batch
+            loss = lambda x: model(x).square().mean()  # noqa: E731
+            sparsifier.prune_at_init(loss, [self.batch(0)])
+        return sparsifier
 
     def batch(self, step: int) -> Tensor:
         """The input of optimizer step ``step`` (the same in every run)."""
@@ -130,6 +136,7 @@ def cases(draw: hs.DrawFn) -> Case:
         draw(hs.lists(hs.sampled_from([1, 3]), min_size=depth, max_size=depth))
     )
     total_steps = draw(hs.integers(2, 14))
+    policy = draw(hs.sampled_from(["rigl", "set", "static", "snfs", "gmp", "snip"]))
     return Case(
         kind=kind,
         widths=widths,
@@ -137,7 +144,7 @@ def cases(draw: hs.DrawFn) -> Case:
         size=draw(hs.integers(2, 4)),
         sparsity=draw(hs.floats(0.0, 0.99)),
         distribution=draw(hs.sampled_from(["uniform", "er", "erk"])),
-        policy=draw(hs.sampled_from(["rigl", "set", "static"])),
+        policy=policy,
         optimizer=draw(hs.sampled_from(["sgd", "adamw"])),
         update_interval=draw(hs.integers(1, 4)),
         total_steps=total_steps,
@@ -147,6 +154,10 @@ def cases(draw: hs.DrawFn) -> Case:
         seed=draw(hs.integers(0, 2**16)),
         save_at=draw(hs.integers(1, total_steps - 1)),
         load_order=tuple(draw(hs.permutations(["model", "optimizer", "sparsity"]))),
+        # SNFS, GMP and SNIP refuse a structure (their counts move).
+        structure=None
+        if policy in ("snfs", "gmp", "snip")
+        else draw(hs.sampled_from([None, None, "constant-fan-in"])),
     )
 
 
@@ -167,14 +178,23 @@ def train(
         optimizer.step()
         assert sparsifier.step_count == k
         check_invariants(sparsifier, optimizer, model=model, dense_keys=dense_keys)
-        scheduled = case.policy != "static" and sparsifier.schedule.is_update_step(k)
+        scheduled = case.policy not in ("static", "snip") and (
+            sparsifier.schedule.is_update_step(k)
+        )
         assert sparsifier.update_count == updates + scheduled
         for fqn, mask in sparsifier.masks.items():
             grown = int((mask & ~before[fqn]).sum())
             dropped = int((before[fqn] & ~mask).sum())
-            assert grown == dropped, fqn
-            if not scheduled:
+            if case.policy == "gmp":  # prunes only
                 assert grown == 0, fqn
+            elif case.policy != "snfs":  # SNFS: equal over all tensors (below)
+                assert grown == dropped, fqn
+            if not scheduled:
+                assert grown == dropped == 0, fqn
+        if case.policy == "snfs":
+            assert sum(sparsifier.topology.targets.values()) == sum(
+                int(m.sum()) for m in before.values()
+            )
 
 
 def roundtrip(state: dict[str, Any]) -> dict[str, Any]:
@@ -329,7 +349,7 @@ def lifecycles(draw: hs.DrawFn) -> Lifecycle:
             draw(hs.integers(1, 5)),
         ),
         sparsity=draw(hs.floats(0.0, 0.95)),
-        policy=draw(hs.sampled_from(["rigl", "set", "static"])),
+        policy=draw(hs.sampled_from(["rigl", "set", "static", "snfs", "gmp"])),
         optimizer=draw(hs.sampled_from(sorted(OPTIMIZERS))),
         stepping=draw(hs.sampled_from(["hooked", "manual", "late"])),
         warm=draw(hs.sampled_from(["none", "before", "after"])),
