@@ -1,4 +1,4 @@
-"""sparsetorch: dynamic sparse training (RigL, SET, static masks) for PyTorch.
+"""sparsetorch: sparse training (RigL, SET, static, SNFS, GMP, SNIP) for PyTorch.
 
 Example::
 

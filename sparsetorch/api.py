@@ -76,8 +76,11 @@ def sparsify(
             that steps masked weights without being attached is attached at
             its first step (its state is reset where masks change; its steps
             are not counted).
-        policy: ``"rigl"``, ``"set"``, ``"static"`` or a
-            :class:`~sparsetorch.policies.Policy`. Default: ``"rigl"``.
+        policy: ``"rigl"``, ``"set"``, ``"static"``, ``"snfs"``, ``"gmp"``,
+            ``"snip"`` or a :class:`~sparsetorch.policies.Policy` (the methods
+            and their papers: ``docs/api.md``). GMP starts dense and prunes
+            to ``sparsity``; SNIP is dense until
+            :meth:`~sparsetorch.Sparsifier.prune_at_init`. Default: ``"rigl"``.
         sparsity: fraction of zeros over all selected weights, in ``[0, 1)``.
             Unused when ``distribution`` is a dict. Default: ``0.9``.
         distribution: ``"uniform"``, ``"er"``, ``"erk"`` or a dict

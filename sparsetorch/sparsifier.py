@@ -64,7 +64,9 @@ class Sparsifier:
     Counts optimizer steps ``k = 1, 2, ...`` (through a step post-hook on the
     optimizer, or through :meth:`step` when there is none) and, after every step
     the :class:`~sparsetorch.Schedule` marks, updates each mask with the policy:
-    ``int(n_active * drop_fraction_at(k))`` weights are dropped and as many grown.
+    ``int(n_active * drop_fraction_at(k))`` weights are dropped and as many grown
+    (the policy's ``update_counts`` decides: SNFS regrows across tensors, GMP
+    only prunes).
     Dropped and grown positions start from zero in the stored weight (grown ones
     at ``grow_init``) and in every optimizer state tensor.
 
