@@ -334,9 +334,7 @@ def test_snfs_keeps_the_total_while_per_layer_counts_move() -> None:
     assert moved == set(LINEARS)
 
 
-def test_snfs_captures_the_dense_gradient_at_every_step_until_the_last_update() -> (
-    None
-):
+def test_snfs_captures_the_dense_gradient_at_every_step_until_the_last_update() -> None:
     torch.manual_seed(0)
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -654,10 +652,14 @@ def test_a_checkpoint_without_counts_or_policy_state_still_loads() -> None:
     torch.manual_seed(0)
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sparsifier = st.sparsify(model, opt, policy="rigl", sparsity=0.8, end_step=10, update_interval=2)
+    sparsifier = st.sparsify(
+        model, opt, policy="rigl", sparsity=0.8, end_step=10, update_interval=2
+    )
     old = roundtrip(sparsifier.state_dict())
     del old["active"], old["policy_state"]
-    fresh = st.sparsify(mlp(), policy="rigl", sparsity=0.8, end_step=10, update_interval=2, seed=3)
+    fresh = st.sparsify(
+        mlp(), policy="rigl", sparsity=0.8, end_step=10, update_interval=2, seed=3
+    )
     fresh.load_state_dict(old)
     for fqn, mask in sparsifier.masks.items():
         assert torch.equal(fresh.masks[fqn], mask)
@@ -669,7 +671,7 @@ def test_a_corrupted_count_is_refused_and_changes_nothing() -> None:
         step(model, opt, x, y)
     state = roundtrip(sparsifier.state_dict())
     state["active"]["0.weight"] += 1
-    fresh_model, _, fresh = build("gmp", seed=1)
+    _, _, fresh = build("gmp", seed=1)
     masks = {f: m.clone() for f, m in fresh.masks.items()}
     with pytest.raises(ValueError) as error:
         fresh.load_state_dict(state)
@@ -699,7 +701,7 @@ def _ddp_worker(rank: int, out: str) -> None:
             if policy == "snip":  # each rank scores its own batch
                 data = batches(1, seed=20 + rank)
                 sparsifier.prune_at_init(
-                    lambda b: F.cross_entropy(model(b[0]), b[1]), data
+                    lambda b, net=model: F.cross_entropy(net(b[0]), b[1]), data
                 )
             masks = []
             for x, y in batches(12, seed=30 + rank):  # each rank its own data
@@ -735,6 +737,4 @@ def test_ddp_ranks_hold_identical_masks_counts_and_momentum(tmp_path: Path) -> N
             assert torch.equal(a["signals"][fqn], b["signals"][fqn]), fqn
     assert ranks[0]["snfs"]["signals"]  # SNFS kept its momentum
     counts = ranks[0]["snfs"]["counts"]
-    assert sum(counts.values()) == sum(
-        build("snfs")[2].topology.final_targets.values()
-    )
+    assert sum(counts.values()) == sum(build("snfs")[2].topology.final_targets.values())
