@@ -24,9 +24,11 @@ from .config import (
     SPARSE_POLICIES,
     STRUCTURES,
     Recipe,
+    RunResult,
     RunSpec,
     UsageError,
     result_from_json,
+    result_to_json,
 )
 from .grid import (
     SPARSITIES,
@@ -229,6 +231,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="Markdown report path (default: OUT/results.md)",
     )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help=(
+            "keep the runs OUT/runs.jsonl holds from an earlier, interrupted "
+            "invocation with the same recipe and data; train only the rest"
+        ),
+    )
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--no-plots", action="store_true")
     run.add_argument(
@@ -374,17 +384,26 @@ def run(argv: Sequence[str] | None = None) -> int:
     for model, recipe in used.items():
         say(f"{model}: {recipe}")
 
+    journal = Journal(out_dir / "runs.jsonl", request, recipes)
+    kept = journal.load(grid) if args.resume else {}
+    if kept:
+        say(f"--resume: {len(kept)} runs kept from {journal.path}")
+    else:
+        journal.clear()
     started = time.perf_counter()
-    results = train_grid(
-        grid,
+    trained = train_grid(
+        [s for s in grid if s not in kept],
         recipes,
         data,
         request,
         jobs=jobs,
         threads=args.threads,
         progress=not args.no_progress,
+        on_result=journal.append,
     )
     wall = time.perf_counter() - started
+    by_spec = {**kept, **{r.spec: r for r in trained}}
+    results = [by_spec[s] for s in grid]
 
     rows = aggregate(results)
     print()
@@ -406,6 +425,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         "machine": machine_description(),
         "sparsetorch": _source_version(),
         "wall_time_s": round(wall, 1),
+        "resumed_runs": len(kept),
         "jobs": jobs,
         "evaluated_on": evaluation,
         "n_train": data.train_x.shape[0],
@@ -419,6 +439,52 @@ def run(argv: Sequence[str] | None = None) -> int:
         + (f" and {len(pictures)} plots" if pictures else "")
     )
     return 0
+
+
+class Journal:
+    """Each finished run, one JSON line, so an interrupted sweep can resume.
+
+    A line is reused only for the same run spec, recipe and data.
+    """
+
+    def __init__(
+        self, path: Path, request: DataRequest, recipes: dict[str, Recipe]
+    ) -> None:
+        self.path = path
+        self.request = dataclasses.asdict(request)
+        self.recipes = {m: dataclasses.asdict(r) for m, r in recipes.items()}
+
+    def clear(self) -> None:
+        """Starts an empty journal."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")
+
+    def append(self, result: RunResult) -> None:
+        """Records one finished run."""
+        record = {
+            "request": self.request,
+            "recipe": self.recipes[result.spec.model],
+            "result": result_to_json(result),
+        }
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def load(self, grid: Sequence[RunSpec]) -> dict[RunSpec, RunResult]:
+        """The journal's runs that belong to ``grid`` under this recipe and data."""
+        if not self.path.is_file():
+            return {}
+        wanted = set(grid)
+        kept: dict[RunSpec, RunResult] = {}
+        for line in self.path.read_text().splitlines():
+            record = json.loads(line)
+            result = result_from_json(record["result"])
+            if (
+                result.spec in wanted
+                and record["request"] == self.request
+                and record["recipe"] == self.recipes.get(result.spec.model)
+            ):
+                kept[result.spec] = result
+        return kept
 
 
 def _argv(argv: Sequence[str] | None) -> list[str]:

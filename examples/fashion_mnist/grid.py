@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from fashion_mnist_data import FashionMNIST, load_fashion_mnist
 
-from .config import RECIPES, Recipe, RunResult, RunSpec, UsageError
+from .config import Recipe, RunResult, RunSpec, UsageError
 from .progress import progress_bar, say, tqdm_class
 from .train import train_one
 
@@ -203,6 +203,7 @@ def train_grid(
     jobs: int,
     threads: int,
     progress: bool,
+    on_result: Callable[[RunResult], None] | None = None,
 ) -> list[RunResult]:
     """Trains every run of the grid, ``jobs`` at a time; results in grid order.
 
@@ -220,6 +221,7 @@ def train_grid(
         jobs: runs trained at once.
         threads: torch intra-op threads per run.
         progress: whether to show progress bars.
+        on_result: called with each result as it arrives (the journal).
     """
 
     def label(index: int, spec: RunSpec) -> str:
@@ -229,6 +231,8 @@ def train_grid(
         )
 
     def done(index: int, result: RunResult) -> None:
+        if on_result is not None:
+            on_result(result)
         say(
             f"{label(index, result.spec)}: acc {100 * result.test_accuracy:.2f}%, "
             f"overall sparsity {result.overall_sparsity:.4f}, {result.wall_s:.1f}s"
@@ -295,8 +299,3 @@ def train_grid(
 # Seconds per epoch relative to LeNet-300-100, for ordering the runs (measured on
 # 2 cores, one thread per run)
 _COST = {"lenet300": 1.0, "lenet5": 4.5}
-
-
-def default_recipes() -> dict[str, Recipe]:
-    """A copy of each model's recipe."""
-    return dict(RECIPES)

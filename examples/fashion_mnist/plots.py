@@ -185,7 +185,7 @@ def _accuracy_plot(plt: Any, rows: Sequence[Row], path: Path) -> Path | None:
 def _flops_plot(plt: Any, rows: Sequence[Row], path: Path) -> Path | None:
     """One panel per model: accuracy against training FLOPs (x dense, log scale).
 
-    Filled markers are ERK rows at 90% sparsity and open ones at 98%; RigL's 1x,
+    Filled markers are rows below 95% sparsity, open ones 98%; RigL's 1x,
     2x and 5x runs at one sparsity are joined by a line.
     """
     models = [
@@ -210,7 +210,7 @@ def _flops_plot(plt: Any, rows: Sequence[Row], path: Path) -> Path | None:
             if r.policy == "dense":
                 continue
             color = COLORS.get(r.policy, "tab:cyan")
-            filled = r.target_sparsity == min(sparsities)
+            filled = r.target_sparsity < 0.95
             y = max(100 * r.mean, floor)
             ax.errorbar(
                 [r.train_flops],
@@ -256,8 +256,8 @@ def _flops_plot(plt: Any, rows: Sequence[Row], path: Path) -> Path | None:
         ax.set_xlabel("training FLOPs relative to dense training (1x), log scale")
         ax.set_ylabel("test accuracy (%), mean ± std over seeds")
         ax.set_title(
-            f"{TITLES.get(model, model)}: filled {100 * min(sparsities):g}%, open "
-            f"{100 * max(sparsities):g}% sparsity; o 1x, s 2x, D 5x, ^ structured",
+            f"{TITLES.get(model, model)}: filled <95% sparsity, open 98%; "
+            "o 1x, s 2x, D 5x, ^ structured",
             fontsize=9,
         )
         ax.grid(alpha=0.3, which="both")
