@@ -529,6 +529,8 @@ def build(
         opt = torch.optim.SGD(
             model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3
         )
+    elif optimizer == "adam-amsgrad":
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2, amsgrad=True)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sparsifier = st.sparsify(
@@ -550,7 +552,7 @@ def prune(model: nn.Module, sparsifier: st.Sparsifier) -> None:
         sparsifier.prune_at_init(lambda b: F.cross_entropy(model(b[0]), b[1]), data)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "adam-amsgrad"])
 @pytest.mark.parametrize("policy", POLICIES)
 def test_zeros_outside_the_masks_after_every_step(policy: str, optimizer: str) -> None:
     model, opt, sparsifier = build(policy, optimizer=optimizer)

@@ -53,6 +53,11 @@ class SNFS(Policy):
     99% of its free positions and corrects the total over later updates);
     their special rule for layers below 20% sparsity is not applied.
 
+    Under a :class:`torch.amp.GradScaler` the folded gradients carry the loss
+    scale of their step; while the scale is constant this changes no choice,
+    but a scale change between two updates weighs the steps before and after
+    it unevenly.
+
     Args:
         momentum: :math:`\beta`, in ``[0, 1)``. Default: ``0.9``.
 
