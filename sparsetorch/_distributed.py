@@ -396,14 +396,23 @@ def check_unsharded(
 ) -> None:
     """Raise if a module is FSDP-wrapped or a parameter is a sharded DTensor.
 
+    For :func:`~sparsetorch.sparsify`: a model is sparsified whole, then sharded.
+
     Raises:
         RuntimeError: naming the module or parameter, why, and what works.
     """
     fsdp = sys.modules.get("torch.distributed.fsdp")
     if fsdp is not None:
-        wrappers = (fsdp.FSDPModule, fsdp.FullyShardedDataParallel)
         for name, module in modules:
-            if isinstance(module, wrappers):
+            if isinstance(module, fsdp.FullyShardedDataParallel):
+                raise RuntimeError(
+                    f"Module {name or '<root>'!r} is wrapped in FSDP1 "
+                    "(FullyShardedDataParallel), whose flat parameters sparsetorch "
+                    "cannot mask.\nUse FSDP2: sparsify(model, ...) first, then "
+                    "fully_shard(...) on its blocks and on the root. See "
+                    "docs/distributed.md."
+                )
+            if isinstance(module, fsdp.FSDPModule):
                 raise RuntimeError(
                     _sharded_message(
                         f"module {name or '<root>'!r} is a {type(module).__name__}"
@@ -421,19 +430,28 @@ def check_unsharded(
                 )
 
 
-def check_params_unsharded(params: Mapping[str, Tensor]) -> None:
-    """:func:`check_unsharded` for the stored weights of a topology."""
-    check_unsharded((), params.items())
+def check_params_unsharded(params: Mapping[str, Tensor], what: str) -> None:
+    """Raise if FSDP2 sharded the stored weights: ``what`` needs them whole."""
+    tensor = sys.modules.get("torch.distributed.tensor")
+    if tensor is None:
+        return
+    sharded = [fqn for fqn, p in params.items() if isinstance(p, tensor.DTensor)]
+    if sharded:
+        raise RuntimeError(
+            f"{what} needs whole weights, but FSDP2 shards {sharded}.\nGather a "
+            "full state dict instead: get_model_state_dict(model, options="
+            "StateDictOptions(full_state_dict=True)) gives the dense keys, zero "
+            "outside the masks; load it into an unsharded copy of the model."
+        )
 
 
 def _sharded_message(what: str) -> str:
     return (
-        f"sparsetorch does not support sharded parameters (FSDP, fully_shard, "
-        f"DTensor): {what}.\n"
-        "Its masks, topology updates (a top-k over each whole weight) and "
-        "optimizer-state resets work on whole local tensors, and a sharded weight "
-        "exists whole only inside FSDP's forward and backward (an all-gathered "
-        "copy that FSDP discards, so writes to it are lost).\n"
-        "Train with DistributedDataParallel instead: sparsify(model, ...), then "
-        "DistributedDataParallel(model). See docs/distributed.md."
+        f"Cannot sparsify a model FSDP already shards: {what}.\n"
+        "sparsify() registers its masks on whole weights, and fully_shard then "
+        "shards them with their weights; FSDP2 holds references to the modules' "
+        "parameters that a later parametrization would bypass.\nCall "
+        "sparsify(model, ...) first, then fully_shard(...) on its blocks and "
+        "on the root, then build the optimizer and "
+        "sparsifier.attach_optimizer(optimizer). See docs/distributed.md."
     )

@@ -127,7 +127,8 @@ def adopt_sharding(topology: Topology, stash: Stash | None = None) -> bool:
         if p.sharded and current is param and not p.stale:
             continue
         if not p.sharded:
-            p.mask = like_rows(local_rows(fqn, p.mask, param), param)
+            rows = local_rows(fqn, p.mask, param).to(local(param).device)
+            p.mask = like_rows(rows, param)  # (CPU offload: where the shard is)
             p.release()
             p.active = None
             p.sharded = True

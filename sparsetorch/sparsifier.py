@@ -146,8 +146,8 @@ class Sparsifier:
         #: Optimizer steps in the whole run, when known: :meth:`flops` counts
         #: training over them. :meth:`set_total_steps` sets it.
         self.total_steps = total_steps
-        self._sizes = SizeRecorder(topology.model)  # layer sizes, for flops()
-        self._sizes.watch()  # the first training forward; unhooked after it
+        # Layer sizes for flops(): the training forward after the first step.
+        self._sizes = SizeRecorder(topology.model)
         self._flops_shown = False  # summary() shows FLOPs once flops() ran
         self._mask_metrics = MaskMetrics(topology.masks)
         if optimizer is not None:
@@ -386,6 +386,7 @@ class Sparsifier:
         if self._stash:
             self._stash.clear()  # training moves on: nothing to restore any more
         self.step_count += 1
+        self._sizes.after_step()
         if self.policy.dense_grad_every_step:
             self._fold_dense_grads()
         updated = False
@@ -525,7 +526,7 @@ class Sparsifier:
                 "optimizer step(s) were counted."
             )
         params = self.topology.params
-        _distributed.check_params_unsharded(params)
+        _distributed.check_params_unsharded(params, "SNIP's prune_at_init")
         model = self.topology.model
         masks = self.masks
         keep = {id(m) for m in masks.values()}
@@ -1144,7 +1145,7 @@ class Sparsifier:
             RuntimeError: the weights were sharded (FSDP) after sparsifying.
         """
         self._check_live()
-        _distributed.check_params_unsharded(self.topology.params)
+        _distributed.check_params_unsharded(self.topology.params, "sparsifier.remove()")
         set_execution(self.topology, "mask")
         self.apply_masks()
         self._detach_optimizers()
@@ -1179,6 +1180,23 @@ class Sparsifier:
                     "Use RigL, SET or static masks under fully_shard, or train "
                     "with DistributedDataParallel."
                 )
+            if self.execution != "mask":
+                raise RuntimeError(
+                    f'execution="{self.execution}" computes with compressed '
+                    "whole weights, which FSDP2 shards.\nUnder fully_shard, "
+                    "train in mask mode (the default): "
+                    'sparsifier.set_execution("mask") before sharding.'
+                )
+            ids = {id(p) for p in self.topology.params.values()}
+            for optimizer in self.optimizers:
+                held = (p for g in optimizer.param_groups for p in g["params"])
+                if not any(id(p) in ids for p in held):
+                    raise RuntimeError(
+                        f"The attached {type(optimizer).__name__} holds the "
+                        "weights from before fully_shard, which FSDP2 replaced "
+                        "by sharded ones.\nBuild the optimizer after fully_shard "
+                        "and attach it: sparsifier.attach_optimizer(optimizer)."
+                    )
             self.sharded = True
             ever = self._mask_metrics.ever
             if ever is not None:  # the ITOP masks: this rank's rows too
@@ -1210,6 +1228,12 @@ class Sparsifier:
             >>> sparsifier.execution, type(model[0].forward).__name__
             ('sparse', 'SparseExecution')
         """
+        self._sync_sharding()
+        if self.sharded and execution != "mask":
+            raise RuntimeError(
+                f"execution={execution!r} computes with compressed whole weights, "
+                "which FSDP2 shards: under fully_shard only \"mask\" runs."
+            )
         set_execution(self.topology, execution)
         self.execution = execution
 
@@ -1232,6 +1256,7 @@ class Sparsifier:
               (0): SparseLinear(in_features=64, out_features=64, nnz=410, bias=True)
             )
         """
+        _distributed.check_params_unsharded(self.topology.params, "sparsifier.export()")
         return export_sparse(
             self.topology.model, execution=execution, batch_size=batch_size
         )
@@ -1296,9 +1321,9 @@ class Sparsifier:
         update, SNFS at every step until the last update), with the active
         counts of that step (GMP's follow its schedule from dense). The layer
         sizes come from one forward pass: the first one in training mode after
-        ``sparsify`` (recorded automatically, then unhooked), or one on
-        ``example_input``. After the first call, :meth:`summary` shows a
-        FLOPs line.
+        the first optimizer step (recorded automatically, then unhooked; not
+        under ``torch.compile``), or one on ``example_input``. After the first
+        call, :meth:`summary` shows a FLOPs line.
 
         Args:
             example_input: the model's input for one forward pass (run in eval
@@ -1353,7 +1378,8 @@ class Sparsifier:
             raise RuntimeError(
                 "sparsifier.flops() needs the layer sizes of one forward pass, and "
                 "none was recorded yet (sparsetorch records the first forward in "
-                "training mode after sparsify()).\nPass an input: "
+                "training mode after the first optimizer step, unless compiled)."
+                "\nPass an input: "
                 "sparsifier.flops(example_input=x), or call it after the first "
                 "training step."
             )

@@ -292,42 +292,6 @@ def _errors(rank: int, out: str) -> dict[str, Any]:
     return messages
 
 
-def _fully_shard_after_sparsify(rank: int, out: str) -> dict[str, Any]:
-    """Forward/backward work on the all-gathered weights; the first update raises."""
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(0)
-    model = small_mlp()
-    sparsifier = st.sparsify(
-        model, sparsity=0.75, distribution="uniform", total_steps=100, update_interval=2
-    )
-    for layer in (model[0], model[2]):
-        fully_shard(layer)
-    fully_shard(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    result: dict[str, Any] = {}
-    for step in (1, 2):
-        x, y = _local_batch(step, rank)
-        train_step(model, optimizer, x, y)
-        outside = []
-        for fqn, mask in sparsifier.masks.items():
-            param = sparsifier.topology.params[fqn]
-            assert param.grad is not None
-            grad = param.grad.full_tensor()  # type: ignore[attr-defined]
-            weight = param.full_tensor()  # type: ignore[attr-defined]
-            outside += [
-                int(grad[~mask].count_nonzero()),
-                int(weight[~mask].count_nonzero()),
-            ]
-        result[f"outside_after_step_{step}"] = outside
-        try:
-            sparsifier.step()  # step 2 updates
-        except RuntimeError as error:
-            result["update_error"] = str(error)
-    result["updates"] = sparsifier.update_count
-    return result
-
-
 def _average_buckets(rank: int, out: str) -> dict[str, Any]:
     """``average_`` in buckets: in place, any dtype, contiguous or not."""
     g = torch.Generator().manual_seed(7)
@@ -489,7 +453,6 @@ SCENARIOS: dict[str, Callable[[int, str], dict[str, Any]]] = {
     "batchnorm": _batchnorm_buffers,
     "errors": _errors,
     "average": _average_buckets,
-    "fsdp_after": _fully_shard_after_sparsify,
 }
 
 
@@ -832,27 +795,9 @@ def test_sparsify_a_fully_sharded_model_raises_and_changes_nothing(
     assert_expected_inline(
         result["fsdp"],
         """\
-sparsetorch does not support sharded parameters (FSDP, fully_shard, DTensor): module '<root>' is a FSDPSequential.
-Its masks, topology updates (a top-k over each whole weight) and optimizer-state resets work on whole local tensors, and a sharded weight exists whole only inside FSDP's forward and backward (an all-gathered copy that FSDP discards, so writes to it are lost).
-Train with DistributedDataParallel instead: sparsify(model, ...), then DistributedDataParallel(model). See docs/distributed.md.""",
-    )
-
-
-def test_fully_shard_after_sparsify_trains_masked_until_the_first_update_raises(
-    ranks: list[dict[str, Any]],
-):
-    for result in _scenario(ranks, "fsdp_after"):
-        # Sharded gradients and weights are zero outside the masks...
-        assert result["outside_after_step_1"] == [0, 0, 0, 0]
-        assert result["outside_after_step_2"] == [0, 0, 0, 0]
-        # ...but no update can run on sharded weights.
-        assert result["updates"] == 0
-    assert_expected_inline(
-        ranks[0]["fsdp_after"]["update_error"],
-        """\
-sparsetorch does not support sharded parameters (FSDP, fully_shard, DTensor): parameter '0.weight' is a DTensor (placements (Shard(dim=0),)).
-Its masks, topology updates (a top-k over each whole weight) and optimizer-state resets work on whole local tensors, and a sharded weight exists whole only inside FSDP's forward and backward (an all-gathered copy that FSDP discards, so writes to it are lost).
-Train with DistributedDataParallel instead: sparsify(model, ...), then DistributedDataParallel(model). See docs/distributed.md.""",
+Cannot sparsify a model FSDP already shards: module '<root>' is a FSDPSequential.
+sparsify() registers its masks on whole weights, and fully_shard then shards them with their weights; FSDP2 holds references to the modules' parameters that a later parametrization would bypass.
+Call sparsify(model, ...) first, then fully_shard(...) on its blocks and on the root, then build the optimizer and sparsifier.attach_optimizer(optimizer). See docs/distributed.md.""",
     )
 
 

@@ -277,8 +277,13 @@ def _save_worker(rank: int, out: str) -> None:
     dcp.save(_dcp_state(model, optimizer, sparsifier), checkpoint_id=f"{out}/ckpt")
     saved = _full_state(model, optimizer, sparsifier)
     train(
-        world, rank, "rigl", steps=range(SAVE_AT, STEPS), model=model,
-        sparsifier=sparsifier, optimizer=optimizer,
+        world,
+        rank,
+        "rigl",
+        steps=range(SAVE_AT, STEPS),
+        model=model,
+        sparsifier=sparsifier,
+        optimizer=optimizer,
     )
     torch.save({"saved": saved, "end": gathered(sparsifier)}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
@@ -288,8 +293,13 @@ def _save_worker(rank: int, out: str) -> None:
 def _resume(world: int, rank: int, path: str) -> dict[str, Any]:
     model = build(seed=1)  # other weights: everything must come from the checkpoint
     sparsifier = st.sparsify(
-        model, policy="rigl", sparsity=0.75, distribution="uniform",
-        total_steps=STEPS, update_interval=2, seed=5,
+        model,
+        policy="rigl",
+        sparsity=0.75,
+        distribution="uniform",
+        total_steps=STEPS,
+        update_interval=2,
+        seed=5,
     )
     if world > 1:
         shard(model)
@@ -298,8 +308,13 @@ def _resume(world: int, rank: int, path: str) -> dict[str, Any]:
     _dcp_load(model, optimizer, sparsifier, path)
     loaded = _full_state(model, optimizer, sparsifier)
     _, _, _, leaks = train(
-        world, rank, "rigl", steps=range(SAVE_AT, STEPS), model=model,
-        sparsifier=sparsifier, optimizer=optimizer,
+        world,
+        rank,
+        "rigl",
+        steps=range(SAVE_AT, STEPS),
+        model=model,
+        sparsifier=sparsifier,
+        optimizer=optimizer,
     )
     return {"loaded": loaded, "end": gathered(sparsifier), "leaks": leaks}
 
@@ -310,8 +325,12 @@ def _resume_worker(rank: int, out: str) -> None:
     # A corrupt shard: one bit flipped in rank 1's packed rows of one mask.
     model = build()
     sparsifier = st.sparsify(
-        model, policy="rigl", sparsity=0.75, distribution="uniform",
-        total_steps=STEPS, update_interval=2,
+        model,
+        policy="rigl",
+        sparsity=0.75,
+        distribution="uniform",
+        total_steps=STEPS,
+        update_interval=2,
     )
     shard(model)
     state = {"sparsity": sparsifier.state_dict()}
@@ -327,8 +346,12 @@ def _resume_worker(rank: int, out: str) -> None:
     # Another sparsity: refused on the settings.
     other = build()
     sparsifier = st.sparsify(
-        other, policy="rigl", sparsity=0.5, distribution="uniform",
-        total_steps=STEPS, update_interval=2,
+        other,
+        policy="rigl",
+        sparsity=0.5,
+        distribution="uniform",
+        total_steps=STEPS,
+        update_interval=2,
     )
     shard(other)
     state = {"sparsity": sparsifier.state_dict()}
@@ -380,3 +403,205 @@ def assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
             assert torch.equal(a["optim"][fqn][k], v), (fqn, k)
     assert a["step"] == b["step"] == SAVE_AT
     assert torch.equal(a["generator"], b["generator"])
+
+
+# -- everything else under FSDP2 ----------------------------------------------------
+
+
+class Checkpointed(nn.Module):
+    """The test model with each hidden block under activation checkpointing."""
+
+    def __init__(self, model: nn.Sequential) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        h = checkpoint(self.model[:2], x, use_reentrant=False)
+        h = checkpoint(self.model[2:4], h, use_reentrant=False)
+        return self.model[4](h)  # type: ignore[no-any-return]
+
+
+def _variants_worker(rank: int, out: str) -> None:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        FullyShardedDataParallel,
+        MixedPrecisionPolicy,
+        fully_shard,
+    )
+
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    results: dict[str, Any] = {}
+
+    def run(name: str, make: Callable[[], nn.Module], **shard_kwargs: Any) -> None:
+        torch.manual_seed(0)
+        model = make()
+        sparsifier = st.sparsify(
+            model,
+            policy="rigl",
+            sparsity=0.75,
+            distribution="uniform",
+            total_steps=STEPS,
+            update_interval=2,
+        )
+        inner = getattr(model, "model", model)
+        for layer in (inner[0], inner[2], inner[4]):
+            fully_shard(layer, **shard_kwargs)
+        fully_shard(model, **shard_kwargs)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+        leaks = []
+        for step in range(STEPS):  # the optimizer is attached at its first step
+            optimizer.zero_grad()
+            x, y = batch(step, world, rank)
+            ((model(x.to(torch.float64)) - y) ** 2).mean().backward()
+            optimizer.step()
+            sparsifier.step()  # counted by hand
+            leaks.append(outside(sparsifier, optimizer))
+        got = gathered(sparsifier)
+        for key in ("masks", "weights"):  # the names in the plain model
+            got[key] = {k.removeprefix("model."): v for k, v in got[key].items()}
+        results[name] = {**got, "leaks": leaks}
+        if name == "checkpointed":
+            dense = get_model_state_dict(
+                model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+            results["full_state_dict"] = {k: v.clone() for k, v in dense.items()}
+
+    run("checkpointed", lambda: Checkpointed(build()))
+    run(
+        "bf16",
+        build,
+        mp_policy=MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float64
+        ),
+    )
+    run("offload", build, offload_policy=CPUOffloadPolicy(pin_memory=False))
+
+    errors: dict[str, str] = {}
+    model = build()
+    sparsifier = st.sparsify(
+        model, policy="rigl", sparsity=0.75, total_steps=STEPS, update_interval=2
+    )
+    early = torch.optim.AdamW(model.parameters())  # built before fully_shard
+    sparsifier.attach_optimizer(early)
+    shard(model)
+    try:
+        sparsifier.step()
+    except RuntimeError as error:
+        errors["optimizer_before_shard"] = str(error)
+    model = build()
+    sparsifier = st.sparsify(model, policy="static")
+    shard(model)
+    for what, call in {
+        "remove": sparsifier.remove,
+        "sparse_execution": lambda: sparsifier.set_execution("sparse"),
+    }.items():
+        try:
+            call()
+        except RuntimeError as error:
+            errors[what] = str(error)
+    sharded_first = build()
+    shard(sharded_first)
+
+    class CPUFSDP1(FullyShardedDataParallel):  # FSDP1 itself needs an accelerator
+        def __init__(self, module: nn.Module) -> None:
+            nn.Module.__init__(self)
+            self.inner = module
+
+    fsdp1 = CPUFSDP1(build())
+    for what, target in {"sharded_first": sharded_first, "fsdp1": fsdp1}.items():
+        try:
+            st.sparsify(target, policy="static")
+        except RuntimeError as error:
+            errors[what] = str(error)
+    results["errors"] = errors
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+    exit_worker()
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return spawn_ranks(_variants_worker, tmp_path_factory.mktemp("variants"), 2)
+
+
+def test_activation_checkpointing_and_cpu_offload_give_the_same_masks(
+    variants: list[dict[str, Any]], single: dict[str, Any]
+) -> None:
+    expected = single["rigl"]
+    for result in variants:
+        for name in ("checkpointed", "offload"):
+            assert result[name]["leaks"] == [0] * STEPS
+            for fqn, mask in expected["masks"].items():
+                assert torch.equal(result[name]["masks"][fqn], mask), (name, fqn)
+                torch.testing.assert_close(
+                    result[name]["weights"][fqn],
+                    expected["weights"][fqn],
+                    rtol=0,
+                    atol=1e-12,
+                )
+
+
+def test_mixed_precision_keeps_exact_counts_and_zeros_outside(
+    variants: list[dict[str, Any]],
+) -> None:
+    for result in variants:
+        bf16 = result["bf16"]
+        assert bf16["leaks"] == [0] * STEPS
+        assert bf16["updates"] == 4
+        for fqn, mask in bf16["masks"].items():
+            assert int(mask.sum()) == mask.numel() // 4, fqn
+            assert int(bf16["weights"][fqn][~mask].count_nonzero()) == 0
+
+
+def test_full_state_dict_has_the_dense_keys_masked(
+    variants: list[dict[str, Any]],
+) -> None:
+    dense = variants[0]["full_state_dict"]
+    masks = variants[0]["checkpointed"]["masks"]
+    assert list(dense) == [f"model.{k}" for k in build().state_dict()]
+    for fqn, mask in masks.items():
+        weight = dense[f"model.{fqn}"]
+        assert torch.equal(weight, variants[0]["checkpointed"]["weights"][fqn])
+        assert int(weight[~mask].count_nonzero()) == 0
+
+
+def test_wrong_orders_and_fsdp1_raise_clear_errors(
+    variants: list[dict[str, Any]],
+) -> None:
+    errors = variants[0]["errors"]
+    assert_expected_inline(
+        errors["optimizer_before_shard"],
+        """\
+The attached AdamW holds the weights from before fully_shard, which FSDP2 replaced by sharded ones.
+Build the optimizer after fully_shard and attach it: sparsifier.attach_optimizer(optimizer).""",
+    )
+    assert_expected_inline(
+        errors["remove"],
+        """\
+sparsifier.remove() needs whole weights, but FSDP2 shards ['0.weight', '2.weight', '4.weight'].
+Gather a full state dict instead: get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) gives the dense keys, zero outside the masks; load it into an unsharded copy of the model.""",
+    )
+    assert_expected_inline(
+        errors["sparse_execution"],
+        """execution='sparse' computes with compressed whole weights, which FSDP2 shards: under fully_shard only "mask" runs.""",
+    )
+    assert_expected_inline(
+        errors["sharded_first"],
+        """\
+Cannot sparsify a model FSDP already shards: module '<root>' is a FSDPSequential.
+sparsify() registers its masks on whole weights, and fully_shard then shards them with their weights; FSDP2 holds references to the modules' parameters that a later parametrization would bypass.
+Call sparsify(model, ...) first, then fully_shard(...) on its blocks and on the root, then build the optimizer and sparsifier.attach_optimizer(optimizer). See docs/distributed.md.""",
+    )
+    assert_expected_inline(
+        errors["fsdp1"],
+        """\
+Module '<root>' is wrapped in FSDP1 (FullyShardedDataParallel), whose flat parameters sparsetorch cannot mask.
+Use FSDP2: sparsify(model, ...) first, then fully_shard(...) on its blocks and on the root. See docs/distributed.md.""",
+    )
