@@ -636,6 +636,71 @@ def test_resume_mid_run_is_bit_exact_in_every_load_order(
     bit_equal(resumed_sparsifier.state_dict(), sparsifier.state_dict(), "sparsity")
 
 
+@pytest.mark.parametrize("pattern", ["late-optimizer", "weights-before-sparsify"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_resume_in_the_frameworks_orders_is_bit_exact(
+    policy: str, pattern: str
+) -> None:
+    """The orders of tests/test_reliability.py: an optimizer built after
+    sparsify and attached; weights and optimizer state loaded into the plain
+    model before sparsify (how frameworks resume), then the masks."""
+    data = batches(12)
+    model, opt, sparsifier = build(policy)
+    prune(model, sparsifier)
+    for x, y in data[:4]:
+        step(model, opt, x, y)
+    saved = roundtrip(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "sparsity": sparsifier.state_dict(),
+        }
+    )
+    for x, y in data[4:]:
+        step(model, opt, x, y)
+
+    torch.manual_seed(1)
+    fresh = mlp()
+    settings: dict[str, Any] = {
+        "policy": policy,
+        "sparsity": 0.85,
+        "update_interval": 3,
+        "end_step": 14,
+        "drop_fraction": 0.5,
+        "seed": 1,
+    }
+
+    def sgd() -> torch.optim.Optimizer:
+        return torch.optim.SGD(
+            fresh.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3
+        )
+
+    if pattern == "late-optimizer":
+        resumed = st.sparsify(fresh, **settings)
+        fresh_opt = sgd()
+        resumed.attach_optimizer(fresh_opt)
+        fresh_opt.load_state_dict(saved["optimizer"])
+        fresh.load_state_dict(saved["model"])
+    else:
+        fresh_opt = sgd()
+        fresh.load_state_dict(saved["model"])
+        fresh_opt.load_state_dict(saved["optimizer"])
+        resumed = st.sparsify(fresh, fresh_opt, **settings)
+    resumed.load_state_dict(saved["sparsity"])
+    for x, y in data[4:]:
+        step(fresh, fresh_opt, x, y)
+        check_invariants(resumed, fresh_opt, model=fresh)
+    bit_equal(fresh.state_dict(), model.state_dict(), "model")
+    # (an optimizer built after sparsify lists the weights after the biases)
+    params, fresh_params = (
+        dict(model.named_parameters()),
+        dict(fresh.named_parameters()),
+    )
+    for name, param in params.items():
+        bit_equal(fresh_opt.state[fresh_params[name]], opt.state[param], name)
+    bit_equal(resumed.state_dict(), sparsifier.state_dict(), "sparsity")
+
+
 def test_checkpoint_stores_current_counts_and_the_momentum() -> None:
     model, opt, sparsifier = build("snfs")
     for x, y in batches(4):
