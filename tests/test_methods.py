@@ -356,6 +356,46 @@ def test_snfs_captures_the_dense_gradient_at_every_step_until_the_last_update() 
         assert torch.allclose(sparsifier.signals["0.weight"], expected, atol=1e-7), k
 
 
+class WithUnusedBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(20, 16)
+        self.out = nn.Linear(16, 4)
+        self.unused = nn.Linear(16, 4)  # never in the forward: no gradient
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.inp(x)))
+
+
+def test_snfs_a_tensor_without_gradient_sits_out_and_the_others_keep_their_total() -> (
+    None
+):
+    torch.manual_seed(0)
+    model = WithUnusedBranch()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    sparsifier = st.sparsify(
+        model,
+        optimizer,
+        policy="snfs",
+        sparsity=0.7,
+        distribution="uniform",
+        update_interval=2,
+        end_step=9,
+        drop_fraction=0.5,
+    )
+    unused = sparsifier.masks["unused.weight"].clone()
+    used = ["inp.weight", "out.weight"]
+    total = sum(sparsifier.topology.targets[f] for f in used)
+    for x, y in batches(8):
+        step(model, optimizer, x, y)
+        assert sum(sparsifier.topology.targets[f] for f in used) == total
+        check_invariants(sparsifier, optimizer, model=model)
+    assert sparsifier.update_count == 4
+    assert torch.equal(sparsifier.masks["unused.weight"], unused)
+    assert sparsifier.missed_updates == {"unused.weight": 4}
+    assert sorted(sparsifier.signals) == used
+
+
 def test_redistribute_caps_full_tensors_and_hands_out_leftovers_deterministically() -> (
     None
 ):
