@@ -43,7 +43,11 @@ class SNFS(Policy):
        positions not kept.
 
     Per-tensor densities move; the total does not. A tensor that never got a
-    gradient sits the update out (it neither gives nor takes weights).
+    gradient sits the update out (it neither gives nor takes weights). Cost:
+    the dense gradient is kept in every backward pass until the last update,
+    and the momentum is one more weight-sized tensor per masked weight (in
+    :attr:`Sparsifier.signals <sparsetorch.Sparsifier.signals>` and its
+    checkpoints).
 
     Deviations from the authors' code (``sparse_learning``), each to keep
     sparsetorch's invariants exact: the momentum is this policy's own average
