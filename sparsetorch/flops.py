@@ -27,14 +27,17 @@ it: a step whose backward pass keeps the dense gradient (see
 :math:`2 f_S + f_D`, every other step :math:`3 f_S`, with the active counts of
 that step. One multiply-add counts as 2 FLOPs (ratios do not depend on it).
 
-Counted layers: ``nn.Linear``, ``nn.Conv{1,2,3}d``, ``nn.ConvTranspose{1,2,3}d``
-and Hugging Face's ``Conv1D``, masked or not (an unmasked layer costs the same
-sparse and dense). A layer's multiply-adds per forward are its weight count
-(active or all) times the number of output positions it computes (input
-positions for a transposed convolution), as seen in one forward pass. Biases,
-normalisation, activations, embeddings, pooling and products of two
-activations (attention scores) are not counted, as the paper leaves out batch
-norm and the loss.
+Counted weights: those of ``nn.Linear``, ``nn.Conv{1,2,3}d``,
+``nn.ConvTranspose{1,2,3}d``, Hugging Face's ``Conv1D`` and
+``nn.MultiheadAttention`` (its input and output projections), masked or not (an
+unmasked weight costs the same sparse and dense). A weight's multiply-adds per
+forward are its count (active or all) times the number of times it is applied,
+as seen in one forward pass: once per output position of a layer (per input
+position of a transposed convolution), once per token for an attention
+projection (the query, key and value blocks of ``in_proj_weight`` per query,
+key and value token). Biases, normalisation, activations, embeddings, pooling
+and products of two activations (attention scores and their weighted sum) are
+not counted, as the paper leaves out batch norm and the loss.
 """
 
 from __future__ import annotations
@@ -62,10 +65,13 @@ _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _HF_CONV1D = "transformers.pytorch_utils.Conv1D"  # matched by path, never imported
 
+#: Rows ``[start, stop)`` of a weight that one use multiplies, or ``None``: all.
+Block = tuple[int, int] | None
+
 
 def layer_kind(module: nn.Module) -> str | None:
     """The counted layer type of ``module`` (its class name), else ``None``."""
-    if isinstance(module, DEFAULT_MODULE_TYPES):
+    if isinstance(module, (*DEFAULT_MODULE_TYPES, nn.MultiheadAttention)):
         cls = type(module)
         if parametrize.is_parametrized(module):  # ParametrizedLinear: Linear
             cls = cls.__bases__[0]
@@ -77,21 +83,73 @@ def layer_kind(module: nn.Module) -> str | None:
     return None
 
 
-def _positions(module: nn.Module, args: tuple[Any, ...], output: Any) -> int | None:
-    """How many times one forward call of ``module`` applies its whole weight."""
+def _counted_weights(module: nn.Module) -> list[str]:
+    """The weights of a counted layer, relative to it (``"weight"``, ...)."""
+    if isinstance(module, nn.MultiheadAttention):
+        names = ["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"]
+        own = [n for n in names if _has_tensor(module, n)]
+        return [*own, "out_proj.weight"]
+    return ["weight"]
+
+
+def _has_tensor(module: nn.Module, name: str) -> bool:
+    return parametrize.is_parametrized(module, name) or isinstance(
+        module._parameters.get(name), Tensor
+    )
+
+
+def _uses(
+    module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], output: Any
+) -> list[tuple[str, Block, int]]:
+    """``(weight, rows, positions)``: what one call multiplies, and how often.
+
+    A layer applies (the ``rows`` of) its weight once per output position (per
+    input position for a transposed convolution); attention projects each
+    query, key and value token with its block of the input projection and each
+    query token with the output projection.
+    """
+    if isinstance(module, nn.MultiheadAttention):
+        return _attention_uses(module, args, kwargs)
+    x = args[0] if args else None
     if isinstance(module, _TRANSPOSED):
-        x = args[0] if args else None
         if not isinstance(x, Tensor):
-            return None
-        return x.numel() // module.in_channels  # input positions, each (out/g, *k)
+            return []
+        return [("weight", None, x.numel() // module.in_channels)]
     if not isinstance(output, Tensor):
-        return None
+        return []
     if isinstance(module, nn.Linear):
-        return output.numel() // module.out_features
+        return [("weight", None, output.numel() // module.out_features)]
     if isinstance(module, _CONV):
-        return output.numel() // module.out_channels
+        return [("weight", None, output.numel() // module.out_channels)]
     nf = getattr(module, "nf", None)  # Conv1D: weight (in, nf)
-    return output.numel() // nf if isinstance(nf, int) and nf > 0 else None
+    if not isinstance(nf, int) or nf < 1:
+        return []
+    return [("weight", None, output.numel() // nf)]
+
+
+def _attention_uses(
+    module: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> list[tuple[str, Block, int]]:
+    names = ("query", "key", "value")
+    given = [args[i] if len(args) > i else kwargs.get(n) for i, n in enumerate(names)]
+    inputs = [t for t in given if isinstance(t, Tensor) and not t.is_nested]
+    if len(inputs) != 3:
+        return []
+    e = module.embed_dim
+    q, k, v = (
+        t.numel() // d
+        for t, d in zip(inputs, (e, module.kdim, module.vdim), strict=True)
+    )
+    if _has_tensor(module, "in_proj_weight"):
+        uses: list[tuple[str, Block, int]] = [
+            ("in_proj_weight", (0, e), q),
+            ("in_proj_weight", (e, 2 * e), k),
+            ("in_proj_weight", (2 * e, 3 * e), v),
+        ]
+    else:
+        uses = [("q_proj_weight", None, q), ("k_proj_weight", None, k)]
+        uses.append(("v_proj_weight", None, v))
+    return [*uses, ("out_proj.weight", None, q)]
 
 
 def _batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int:
@@ -116,12 +174,20 @@ def _first_tensor(value: Any, depth: int) -> Tensor | None:
     return None
 
 
-class SizeRecorder:
-    """Records the output positions of every counted layer during one forward.
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
-    :meth:`watch` hooks the model so that its first forward in training mode
-    is recorded (then the hooks are removed); :meth:`measure` runs one forward
-    on an example input. A forward traced by ``torch.compile`` is not recorded.
+
+class SizeRecorder:
+    """Records how often every counted weight is applied during one forward.
+
+    :meth:`after_step`, called after each optimizer step, hooks the model after
+    the first step so that the next forward in training mode is recorded, then
+    unhooks it; the hooks live one step at most (a compiled model does not run
+    them: it is not recorded, and they are removed at the next step). Hooks
+    installed before training would turn off fast paths that refuse hooked
+    modules (``nn.TransformerEncoderLayer``'s inference path), so none are.
+    :meth:`measure` runs one forward on an example input.
 
     Args:
         model: the sparsified model.
@@ -129,15 +195,27 @@ class SizeRecorder:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        #: ``module_fqn -> output positions`` summed over the recorded forward.
-        self.positions: dict[str, int] | None = None
-        self.kinds: dict[str, str] = {}
+        #: ``weight name -> {rows: positions}``, summed over the recorded forward.
+        self.positions: dict[str, dict[Block, int]] | None = None
+        #: ``weight name -> (module_fqn, name in the module, layer type)``.
+        self.weights: dict[str, tuple[str, str, str]] = {}
         self.batch_size = 1
-        self._pending: dict[str, int] = {}
+        self._pending: dict[str, dict[Block, int]] = {}
         self._pending_batch = 1
         self._recording = False
         self._force = False
         self._handles: list[RemovableHandle] = []
+        self._gave_up = False
+
+    def after_step(self) -> None:
+        """After an optimizer step: watch the next training forward, once."""
+        if self.positions is not None or self._gave_up:
+            return
+        if self.watching:  # a whole step without a recorded forward: compiled
+            self.stop()
+            self._gave_up = True
+        else:
+            self.watch()
 
     def watch(self) -> None:
         """Record the next forward in training mode, then unhook."""
@@ -147,13 +225,20 @@ class SizeRecorder:
             model.register_forward_pre_hook(self._before, with_kwargs=True),
             model.register_forward_hook(self._after, with_kwargs=True),
         ]
-        for name, module in model.named_modules():
+        self.weights = {}
+        inside_attention = {
+            id(m.out_proj)
+            for m in model.modules()
+            if isinstance(m, nn.MultiheadAttention)
+        }
+        for module_fqn, module in model.named_modules():
             kind = layer_kind(module)
-            if kind is not None:
-                self.kinds[name] = kind
-                self._handles.append(
-                    module.register_forward_hook(functools.partial(self._layer, name))
-                )
+            if kind is None or id(module) in inside_attention:
+                continue  # attention's out_proj: counted with the attention
+            for name in _counted_weights(module):
+                self.weights[_join(module_fqn, name)] = (module_fqn, name, kind)
+            hook = functools.partial(self._layer, module_fqn)
+            self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
     def stop(self) -> None:
         """Remove the hooks."""
@@ -191,7 +276,7 @@ class SizeRecorder:
             for module, training in modes:
                 module.training = training
             self.stop()
-            if was_watching and self.positions is None:
+            if was_watching and self.positions is None:  # the forward raised
                 self.watch()
 
     def _before(
@@ -200,16 +285,22 @@ class SizeRecorder:
         if torch.compiler.is_compiling() or not (self._force or module.training):
             return
         self._recording = True
-        self._pending = dict.fromkeys(self.kinds, 0)
+        self._pending = {name: {} for name in self.weights}
         self._pending_batch = _batch_size(args, kwargs)
 
     def _layer(
-        self, name: str, module: nn.Module, args: tuple[Any, ...], output: Any
+        self,
+        module_fqn: str,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: Any,
     ) -> None:
-        if self._recording and not torch.compiler.is_compiling():
-            found = _positions(module, args, output)
-            if found is not None:
-                self._pending[name] += found
+        if not self._recording or torch.compiler.is_compiling():
+            return
+        for name, rows, positions in _uses(module, args, kwargs, output):
+            counts = self._pending[_join(module_fqn, name)]
+            counts[rows] = counts.get(rows, 0) + positions
 
     def _after(
         self,
@@ -227,17 +318,20 @@ class SizeRecorder:
 
 @dataclass(frozen=True)
 class LayerFlops:
-    """One counted layer's FLOPs per example (1 multiply-add = 2 FLOPs).
+    """One counted weight's FLOPs per example (1 multiply-add = 2 FLOPs).
 
     Attributes:
-        name: the layer's module name (``""`` for the model itself).
-        kind: its class name (``"Linear"``, ``"Conv2d"``, ...).
-        tensor: the masked weight's ``tensor_fqn``, or ``None`` if dense.
+        name: the weight's name in the dense model's state dict
+            (``"0.weight"``, ``"attn.in_proj_weight"``).
+        kind: its layer's class name (``"Linear"``, ``"Conv2d"``, ...).
+        tensor: the mask's ``tensor_fqn``, or ``None`` if the weight is dense
+            (it differs from ``name`` for a weight tied to another).
         numel: weight elements.
         active: active weights at the end of the run (``numel`` if dense).
-        positions: output positions per example (input positions for a
-            transposed convolution): the forward costs ``positions * active``
-            multiply-adds.
+        positions: how often each weight is applied per example: the output
+            positions of a layer (input positions of a transposed
+            convolution, tokens of an attention projection); the dense
+            forward costs ``positions * numel`` multiply-adds.
         inference: FLOPs of a forward pass with the final masks.
         dense_inference: FLOPs of the dense forward pass.
         training: FLOPs over the run's steps, or ``None`` if the run length is
@@ -259,14 +353,14 @@ class LayerFlops:
 
 @dataclass(frozen=True)
 class FlopsReport:
-    """Inference and training FLOPs of a sparsified model, per layer and in total.
+    """Inference and training FLOPs of a sparsified model, per weight and in total.
 
     Made by :meth:`sparsetorch.Sparsifier.flops`; ``print(report)`` shows the
     table. All FLOPs are per example; a run's total is the training FLOPs
     times the examples per step.
 
     Attributes:
-        layers: one :class:`LayerFlops` per counted layer, in model order.
+        layers: one :class:`LayerFlops` per counted weight, in model order.
         policy: the policy's class name.
         total_steps: optimizer steps of the run, or ``None`` if unknown.
         dense_grad_steps: steps whose backward pass computes the dense weight
@@ -339,7 +433,7 @@ class FlopsReport:
         )
         rows = [
             (
-                layer.name or "(model)",
+                layer.name,
                 layer.kind,
                 layer.active / layer.numel,
                 layer.inference,
@@ -364,11 +458,11 @@ class FlopsReport:
                 self.training_ratio,
             )
         )
-        width = max(len("layer"), *(len(r[0]) for r in rows))
+        width = max(len("weight"), *(len(r[0]) for r in rows))
         kwidth = max(len("type"), *(len(r[1]) for r in rows))
         lines = [
             f"{self.policy}, {steps}, FLOPs per example",
-            f"{'layer':<{width}}  {'type':<{kwidth}}  density   inference  x dense"
+            f"{'weight':<{width}}  {'type':<{kwidth}}  density   inference  x dense"
             "    training  x dense",
         ]
         for name, kind, density, inf, inf_ratio, train, train_ratio in rows:
@@ -379,7 +473,8 @@ class FlopsReport:
                 f"  {inf_ratio:>7.4f}  {train_text}  {ratio_text}"
             )
         lines += [
-            f"not counted: {fqn} (not a Linear/Conv layer)" for fqn in self.uncounted
+            f"not counted: {fqn} (not a Linear, Conv or attention weight)"
+            for fqn in self.uncounted
         ]
         return "\n".join(lines)
 
@@ -459,17 +554,39 @@ def flops_report(
         counts_at(total_steps) if total_steps is not None else dict(topology.targets)
     )
     batch = recorder.batch_size
+    masks = topology.masks
     layers = []
     counted: set[str] = set()
-    for name, kind in recorder.kinds.items():
-        module = modules.get(name)
-        if module is None:
+    for name, (module_fqn, local, kind) in recorder.weights.items():
+        path, _, tensor_name = _join(module_fqn, local).rpartition(".")
+        module = modules.get(path)
+        if module is None or not _has_tensor(module, tensor_name):
             continue
-        fqn = _masked_tensor(module, by_parametrization)
-        numel = _weight_numel(module)
-        per_example = positions.get(name, 0) / batch
-        macs_to_flops = 2 * per_example
-        dense = macs_to_flops * numel
+        weight = _stored(module, tensor_name)
+        fqn = _masked_tensor(module, tensor_name, by_parametrization)
+        uses = positions.get(name, {})
+        row = weight[0].numel() if weight.dim() else 1
+        # Multiply-adds per example: of the dense weight, and per active weight.
+        dense = (
+            sum(
+                p * (weight.numel() if r is None else (r[1] - r[0]) * row)
+                for r, p in uses.items()
+            )
+            / batch
+        )
+        per_active = dense / weight.numel()
+        if fqn is not None and any(r is not None for r in uses):
+            # Blocks applied unequally often (cross-attention): weigh each
+            # block's uses by its share of the active weights now.
+            mask = masks[fqn]
+            active_rows = {r: int(mask[r[0] : r[1]].sum()) for r in uses if r}
+            total = sum(active_rows.values())
+            per_active = (
+                sum(p * active_rows[r] for r, p in uses.items() if r) / total / batch
+                if total
+                else 0.0
+            )
+        numel = weight.numel()
         active = numel if fqn is None else final[fqn]
         training = dense_training = None
         if total_steps is not None and dense_steps is not None:
@@ -477,13 +594,13 @@ def flops_report(
             for i, start in enumerate(bounds):
                 end = bounds[i + 1] if i + 1 < len(bounds) else total_steps
                 count = numel if fqn is None else segment_counts[i][fqn]
-                sparse = macs_to_flops * count
+                sparse = 2 * per_active * count if fqn is not None else 2 * dense
                 n = end - start
                 n_dense = bisect.bisect_right(dense_steps, end) - bisect.bisect_right(
                     dense_steps, start
                 )
-                training += 3 * sparse * n + (dense - sparse) * n_dense
-            dense_training = 3 * dense * total_steps
+                training += 3 * sparse * n + (2 * dense - sparse) * n_dense
+            dense_training = 3 * 2 * dense * total_steps
         if fqn is not None:
             counted.add(fqn)
         layers.append(
@@ -493,9 +610,9 @@ def flops_report(
                 tensor=fqn,
                 numel=numel,
                 active=active,
-                positions=per_example,
-                inference=macs_to_flops * active,
-                dense_inference=dense,
+                positions=dense / numel,
+                inference=2 * dense if fqn is None else 2 * per_active * active,
+                dense_inference=2 * dense,
                 training=training,
                 dense_training=dense_training,
             )
@@ -520,27 +637,28 @@ def _counts_at(sparsifier: Sparsifier) -> Callable[[int], Mapping[str, int]]:
 
 
 def _masked_tensor(
-    module: nn.Module, by_parametrization: Mapping[int, str]
+    module: nn.Module, name: str, by_parametrization: Mapping[int, str]
 ) -> str | None:
-    if not parametrize.is_parametrized(module, "weight"):
+    if not parametrize.is_parametrized(module, name):
         return None
-    for p in _plist(module):
+    for p in _plist(module, name):
         if id(p) in by_parametrization:
             return by_parametrization[id(p)]
     return None
 
 
-def _plist(module: nn.Module) -> parametrize.ParametrizationList:
-    plist = getattr(module, "parametrizations")["weight"]  # noqa: B009
+def _plist(module: nn.Module, name: str) -> parametrize.ParametrizationList:
+    plist = getattr(module, "parametrizations")[name]  # noqa: B009
     assert isinstance(plist, parametrize.ParametrizationList)
     return plist
 
 
-def _weight_numel(module: nn.Module) -> int:
-    if parametrize.is_parametrized(module, "weight"):
-        original = _plist(module).original
-        assert isinstance(original, Tensor)
-        return original.numel()
-    weight = module.weight
-    assert isinstance(weight, Tensor)
-    return weight.numel()
+def _stored(module: nn.Module, name: str) -> Tensor:
+    """The stored tensor ``name`` of ``module`` (not its parametrized value)."""
+    original: Any
+    if parametrize.is_parametrized(module, name):
+        original = _plist(module, name).original
+    else:
+        original = module._parameters[name]
+    assert isinstance(original, Tensor)
+    return original

@@ -1361,10 +1361,10 @@ class Sparsifier:
             (0.25, 0.25)
             >>> print(report)
             Static, 100 steps (0 with a dense weight gradient), FLOPs per example
-            layer  type    density   inference  x dense    training  x dense
-            0      Linear   0.2500  6.4000e+01   0.2500  1.9200e+04   0.2500
-            2      Linear   0.2500  3.2000e+01   0.2500  9.6000e+03   0.2500
-            total           0.2500  9.6000e+01   0.2500  2.8800e+04   0.2500
+            weight    type    density   inference  x dense    training  x dense
+            0.weight  Linear   0.2500  6.4000e+01   0.2500  1.9200e+04   0.2500
+            2.weight  Linear   0.2500  3.2000e+01   0.2500  9.6000e+03   0.2500
+            total              0.2500  9.6000e+01   0.2500  2.8800e+04   0.2500
         """
         self._check_live()
         if total_steps is not None:

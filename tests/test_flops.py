@@ -65,8 +65,8 @@ def mlp_report(policy: str | st.Policy = "static", **kwargs: object) -> FlopsRep
 def test_mlp_inference_flops_per_layer_and_total() -> None:
     report = mlp_report()
     assert [(x.name, x.kind, x.tensor) for x in report.layers] == [
-        ("0", "Linear", "0.weight"),
-        ("2", "Linear", "2.weight"),
+        ("0.weight", "Linear", "0.weight"),
+        ("2.weight", "Linear", "2.weight"),
     ]
     assert [(x.inference, x.dense_inference) for x in report.layers] == [
         (100.0, 400.0),
@@ -116,7 +116,7 @@ def test_dense_flops_match_torch_flop_counter_for_every_layer_type() -> None:
     with FlopCounterMode(display=False) as counter:
         Net()(x)
     expected = {
-        name.removeprefix("Net."): sum(ops.values())
+        name.removeprefix("Net.") + ".weight": sum(ops.values())
         for name, ops in counter.get_flop_counts().items()
         if name.startswith("Net.")
     }
@@ -159,7 +159,7 @@ def test_masked_tensor_outside_counted_layers_is_listed() -> None:
     report = sparsifier.flops(torch.tensor([[1, 2, 3]]))
     assert report.uncounted == ("0.weight",)
     assert str(report).splitlines()[-1] == (
-        "not counted: 0.weight (not a Linear/Conv layer)"
+        "not counted: 0.weight (not a Linear, Conv or attention weight)"
     )
 
 
@@ -276,20 +276,89 @@ def hook_counts(model: nn.Module, names: list[str]) -> list[tuple[int, int]]:
     ]
 
 
-def test_first_training_forward_is_recorded_then_unhooked() -> None:
+def test_the_training_forward_after_the_first_step_is_recorded_then_unhooked() -> None:
+    model = mlp2()
+    names = [name for name, _ in model.named_modules()]
+    before = hook_counts(model, names)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = st.sparsify(
+        model, optimizer, policy="static", distribution=MLP_SPARSITY
+    )
+    assert hook_counts(model, names) == before  # no hooks before training
+    model(torch.randn(3, 10)).sum().backward()
+    optimizer.step()  # from here, the next training forward is recorded
+    assert hook_counts(model, names) == [(1, 1), (1, 0), (0, 0), (1, 0)]
+    with pytest.raises(RuntimeError, match="none was recorded yet"):
+        sparsifier.flops()
+    model.eval()
+    model(torch.randn(5, 10))  # eval: not recorded
+    model.train()
+    model(torch.randn(6, 10)).sum().backward()
+    assert hook_counts(model, names) == before
+    optimizer.step()
+    report = sparsifier.flops(total_steps=10)
+    assert (report.batch_size, report.inference_flops) == (6, 200.0)
+
+
+def test_hooks_are_removed_after_a_step_without_a_recorded_forward() -> None:
+    """A compiled model does not run them: they are gone one step later."""
     model = mlp2()
     names = [name for name, _ in model.named_modules()]
     before = hook_counts(model, names)
     sparsifier = st.sparsify(model, policy="static", distribution=MLP_SPARSITY)
-    model.eval()
-    model(torch.randn(3, 10))  # eval: not recorded
-    with pytest.raises(RuntimeError, match="none was recorded yet"):
-        sparsifier.flops()
-    model.train()
+    sparsifier.step()
+    assert hook_counts(model, names) != before
+    sparsifier.step()
+    assert hook_counts(model, names) == before
+    sparsifier.step()
     model(torch.randn(6, 10))
     assert hook_counts(model, names) == before
-    report = sparsifier.flops(total_steps=10)
-    assert (report.batch_size, report.inference_flops) == (6, 200.0)
+    with pytest.raises(RuntimeError, match="none was recorded yet"):
+        sparsifier.flops()
+    assert sparsifier.flops(torch.randn(2, 10)).inference_flops == 200.0
+
+
+def test_transformer_inference_fast_path_is_kept() -> None:
+    """Modules with forward hooks lose nn.TransformerEncoderLayer's fused path."""
+    layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True).eval()
+    sparsifier = st.sparsify(layer, policy="static", sparsity=0.5)
+    assert all(not m._forward_hooks for m in layer.modules())
+    report = sparsifier.flops(torch.randn(2, 5, 16))  # 5 positions per example
+    assert [(x.name, x.positions) for x in report.layers] == [
+        ("self_attn.in_proj_weight", 5.0),
+        ("self_attn.out_proj.weight", 5.0),
+        ("linear1.weight", 5.0),
+        ("linear2.weight", 5.0),
+    ]
+    # 5 tokens * (48*16 in_proj + 16*16 out_proj + 2 * 32*16 feed-forward) MACs
+    assert report.dense_inference_flops == 2 * 5 * (768 + 256 + 1024)
+    assert all(not m._forward_hooks for m in layer.modules())
+
+
+def test_cross_attention_counts_each_projection_block_per_token() -> None:
+    class Cross(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x: Tensor, memory: Tensor) -> Tensor:
+            return self.attn(x, memory, memory, need_weights=False)[0]
+
+    model = Cross()
+    sparsifier = st.sparsify(
+        model,
+        policy="static",
+        sparsity=0.5,
+        include=["attn.in_proj_weight", "attn.out_proj.weight"],
+    )
+    report = sparsifier.flops((torch.randn(2, 3, 8), torch.randn(2, 5, 8)))
+    in_proj, out_proj = sparsifier.masks.values()
+    q, k, v = (int(in_proj[i : i + 8].sum()) for i in (0, 8, 16))
+    # query block per query token (3), key and value blocks per memory token (5)
+    assert [(x.name, x.inference, x.dense_inference) for x in report.layers] == [
+        ("attn.in_proj_weight", 2 * (3 * q + 5 * k + 5 * v), 2 * 64 * (3 + 5 + 5)),
+        ("attn.out_proj.weight", 2 * 3 * int(out_proj.sum()), 2 * 64 * 3),
+    ]
 
 
 def test_example_input_leaves_modes_and_batch_norm_statistics_unchanged() -> None:
@@ -314,7 +383,7 @@ def test_flops_without_a_forward_names_the_fix() -> None:
     assert_expected_inline(
         str(info.value),
         """\
-sparsifier.flops() needs the layer sizes of one forward pass, and none was recorded yet (sparsetorch records the first forward in training mode after sparsify()).
+sparsifier.flops() needs the layer sizes of one forward pass, and none was recorded yet (sparsetorch records the first forward in training mode after the first optimizer step, unless compiled).
 Pass an input: sparsifier.flops(example_input=x), or call it after the first training step.""",
     )
 
@@ -349,10 +418,10 @@ def test_report_table() -> None:
         str(report),
         """\
 RigL, 100 steps (7 with a dense weight gradient), FLOPs per example
-layer  type    density   inference  x dense    training  x dense
-0      Linear   0.2500  1.0000e+02   0.2500  3.2100e+04   0.2675
-2      Linear   0.5000  1.0000e+02   0.5000  3.0700e+04   0.5117
-total           0.3333  2.0000e+02   0.3333  6.2800e+04   0.3489""",
+weight    type    density   inference  x dense    training  x dense
+0.weight  Linear   0.2500  1.0000e+02   0.2500  3.2100e+04   0.2675
+2.weight  Linear   0.5000  1.0000e+02   0.5000  3.0700e+04   0.5117
+total              0.3333  2.0000e+02   0.3333  6.2800e+04   0.3489""",
     )
 
 
