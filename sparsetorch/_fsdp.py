@@ -174,13 +174,24 @@ def _keys(scores: Tensor) -> tuple[Tensor, int]:
         bits, width = scores.view(torch.int64), 64
         flip = torch.iinfo(torch.int64).max
     else:
-        bits, width = scores.float().view(torch.int32).long(), 32
+        bits, width = scores.float().view(torch.int32), 32
         flip = torch.iinfo(torch.int32).max
     # Negative floats order backwards by their bits: flip all but the sign bit.
     return torch.where(bits < 0, bits ^ flip, bits), width
 
 
+#: What this rank sent in the collectives of updates on shards (calls, bytes):
+#: measured by ``examples/fsdp.py`` for ``docs/distributed.md``.
+TRAFFIC = {"calls": 0, "bytes": 0}
+
+
+def _count(tensor: Tensor) -> None:
+    TRAFFIC["calls"] += 1
+    TRAFFIC["bytes"] += tensor.numel() * tensor.element_size()
+
+
 def _all_reduce(tensor: Tensor, group: Any) -> Tensor:
+    _count(tensor)
     dist.all_reduce(tensor, group=group)
     return tensor
 
@@ -232,11 +243,13 @@ def top_sharded(
     # `positions` now holds this shard's scores equal to the k-th highest one.
     if tied_total > needed:
         counts = [torch.zeros(1, dtype=torch.long) for _ in range(_world(shard))]
-        dist.all_gather(counts, torch.tensor([positions.numel()]), group=shard.group)
+        mine = torch.tensor([positions.numel()])
+        _count(mine)
+        dist.all_gather(counts, mine, group=shard.group)
         start = sum(int(c) for c in counts[: dist.get_rank(shard.group)])
         draw = torch.randperm(tied_total, generator=generator)[:needed]
-        mine = draw[(draw >= start) & (draw < start + positions.numel())] - start
-        positions = positions[mine]
+        ours = draw[(draw >= start) & (draw < start + positions.numel())] - start
+        positions = positions[ours]
     chosen.append(positions)
     return torch.sort(torch.cat(chosen)).values.to(scores.device)
 

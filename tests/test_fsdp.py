@@ -605,3 +605,32 @@ Call sparsify(model, ...) first, then fully_shard(...) on its blocks and on the 
 Module '<root>' is wrapped in FSDP1 (FullyShardedDataParallel), whose flat parameters sparsetorch cannot mask.
 Use FSDP2: sparsify(model, ...) first, then fully_shard(...) on its blocks and on the root. See docs/distributed.md.""",
     )
+
+
+def test_fsdp_example_runs_under_torchrun_on_4_processes(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nproc_per_node=4", str(root / "examples" / "fsdp.py"), "--steps", "30",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert "world size 4: 132992 parameters, 90112 masked" in lines
+    table = lines[
+        lines.index(
+            "rank  local loss  updates  masks KiB  dense grads KiB  sent/update KiB"
+        )
+        + 1 :
+    ][:4]
+    for rank, line in enumerate(table):
+        fields = line.split()
+        # 90112 masks of 1 byte and fp32 dense gradients, a quarter on each rank.
+        assert fields[0] == str(rank) and fields[2] == "2", line
+        assert fields[3:5] == ["22.0", "88.0"], line
+    assert lines[-1].endswith("masks restored on every shard: True")
