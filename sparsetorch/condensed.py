@@ -8,7 +8,10 @@ dot products::
 
     y[b, o] = bias[o] + sum_j values[o, j] * x[b, indices[o, j]]
 
-This is SRigL's condensed representation (Lasby et al. 2023,
+A single input row is one gather (``index_select``) and a row-wise product
+and sum; a batch is one ``F.embedding_bag`` over the rows of ``x^T`` with the
+values as per-sample weights, a fused gather-multiply-add kernel. This is
+SRigL's condensed representation (Lasby et al. 2023,
 https://arxiv.org/abs/2305.02299, section 5): ``k * out`` multiply-adds
 instead of ``in * out``, with no per-row offsets to read as CSR needs. Rows of
 unequal counts (an unstructured layer, or rows ablated by SRigL's neuron
@@ -21,12 +24,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 __all__ = ["CondensedLinear"]
-
-#: Elements of the ``(rows, out, k)`` gather a forward makes at once: inputs
-#: of more rows are processed in chunks, so that the temporary stays in cache.
-_CHUNK = 1 << 18
 
 
 class CondensedLinear(nn.Module):
@@ -94,13 +94,16 @@ class CondensedLinear(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         x = input.reshape(-1, self.in_features)  # (rows, in)
-        out, k = self.values.shape
-        step = max(1, _CHUNK // max(1, out * k))
-        parts = []
-        for start in range(0, x.shape[0], step):
-            gathered = x[start : start + step, self.indices]  # (chunk, out, k)
-            parts.append(torch.linalg.vecdot(gathered, self.values))  # (chunk, out)
-        y = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if x.shape[0] == 1:  # online inference: one gather, k-long dot products
+            gathered = torch.index_select(x, 1, self.indices.view(-1))
+            y = (gathered.view_as(self.values) * self.values).sum(1).unsqueeze(0)
+        else:  # a batch: each unit sums k weighted rows of x^T in one fused kernel
+            y = F.embedding_bag(
+                self.indices,
+                x.t().contiguous(),  # (in, rows)
+                per_sample_weights=self.values,
+                mode="sum",
+            ).t()  # (rows, out)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*input.shape[:-1], self.out_features)

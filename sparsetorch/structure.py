@@ -528,8 +528,9 @@ def check_policy(structure: Structure | None, policy: Policy) -> None:
 
     A structure keeps a fixed quota per group, so it works with the policies
     whose updates drop as many weights as they grow in each tensor (RigL, SET,
-    static, and any policy that only scores drops and grows). Policies that
-    move counts between tensors or over time are refused.
+    static, and any policy that only scores drops and grows). SNFS and GMP,
+    which move counts between tensors or over time, and SNIP, whose one-shot
+    selection is not structured (yet), are refused.
     """
     if structure is None:
         return
@@ -549,6 +550,8 @@ _REFUSED = {
     "layer's count (a multiple of its rows or groups).",
     "GMP": "it prunes gradually from dense, through counts that no N:M or "
     "constant fan-in pattern holds.",
+    "SNIP": "its one-shot selection at initialisation picks masks without the "
+    "structure's groups.",
 }
 
 

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 import sparsetorch as st
+from sparsetorch.structure import check_mask
 
 # Tiny models: threads only add contention on small CI machines.
 torch.set_num_threads(1)
@@ -104,6 +105,8 @@ def check_invariants(
         for key, state in optimizer.state[param].items():
             if isinstance(state, Tensor) and state.shape == param.shape:
                 assert int(state[~mask].count_nonzero()) == 0, (fqn, key)
+    for fqn, layout in sparsifier.topology.layouts.items():  # structure= kept
+        assert check_mask(sparsifier.masks[fqn], layout), (fqn, "structure")
     if dense_keys is not None:
         assert model is not None, "dense_keys needs the model"
         assert list(model.state_dict()) == dense_keys

@@ -1,0 +1,635 @@
+"""Mask structure: N:M and constant fan-in (SRigL), for any policy.
+
+Reference updates are computed here from the definitions (plain Python over
+flat positions), independently of sparsetorch's vectorised selection.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import check_invariants
+from expecttest import assert_expected_inline
+from hypothesis import given, settings
+from hypothesis import strategies as hs
+from test_properties import PROFILE, same
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+import sparsetorch as st
+from sparsetorch._checkpoint import encode_mask
+from sparsetorch.condensed import CondensedLinear
+from sparsetorch.policies import RigL
+from sparsetorch.structure import (
+    NM,
+    ConstantFanIn,
+    Layout,
+    check_mask,
+    make_structure,
+    update_structured,
+)
+
+# -- names, objects and refusals ---------------------------------------------------
+
+
+def test_names_resolve_to_structure_objects() -> None:
+    assert make_structure("2:4") == NM(2, 4)
+    assert make_structure("1:16") == NM(1, 16)
+    assert make_structure("constant-fan-in") == ConstantFanIn()
+    assert make_structure(None) is None
+    structure = ConstantFanIn(ablation=0.3)
+    assert make_structure(structure) is structure
+
+
+def test_unknown_structure_name_is_refused() -> None:
+    with pytest.raises(ValueError) as info:
+        make_structure("fan-in")
+    assert_expected_inline(
+        str(info.value),
+        """\
+Unknown structure 'fan-in'.
+Known structures: 'N:M' (e.g. '2:4'), 'constant-fan-in', or a Structure object (NM(2, 4), ConstantFanIn(ablation=0.3)).""",
+    )
+    with pytest.raises(TypeError, match="structure must be None, a name"):
+        make_structure(4)  # type: ignore[arg-type]
+
+
+def test_bad_structure_values_are_refused() -> None:
+    with pytest.raises(ValueError) as info:
+        NM(4, 4)
+    assert_expected_inline(
+        str(info.value),
+        """\
+NM needs 1 <= n < m, got n=4, m=4.
+Example: NM(2, 4), or structure="2:4".""",
+    )
+    with pytest.raises(ValueError, match="ablation must be in"):
+        ConstantFanIn(ablation=1.5)
+    with pytest.raises(TypeError, match="n must be an int"):
+        NM(2.0, 4)  # type: ignore[arg-type]
+
+
+def mlp(*widths: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for n_in, n_out in itertools.pairwise(widths):
+        layers += [nn.Linear(n_in, n_out), nn.Tanh()]
+    return nn.Sequential(*layers[:-1])
+
+
+def test_nm_refuses_a_sparsity_it_cannot_have_and_leaves_the_model() -> None:
+    model = mlp(8, 8, 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as info:
+        st.sparsify(model, policy="static", structure="2:4", sparsity=0.9)
+    assert_expected_inline(
+        str(info.value),
+        """\
+2:4 sparsity fixes every layer's sparsity at 1 - 2/4 = 0.5, but the requested sparsity and distribution give {'0.weight': 0.9143, '2.weight': 0.8714}.
+Pass sparsity=0.5, distribution="uniform".""",
+    )
+    with pytest.raises(ValueError, match="fixes every layer's sparsity"):
+        st.sparsify(model, policy="static", structure="2:4", sparsity=0.5)  # erk
+    assert same(model.state_dict(), before)
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+
+
+def test_nm_refuses_rows_that_are_not_whole_groups() -> None:
+    with pytest.raises(ValueError) as info:
+        st.sparsify(
+            mlp(6, 8),
+            policy="static",
+            structure="2:4",
+            sparsity=0.5,
+            distribution="uniform",
+        )
+    assert_expected_inline(
+        str(info.value),
+        """\
+Cannot make '0.weight' 2:4 sparse: its rows hold 6 inputs (shape (8, 6)), not a multiple of 4.
+Leave it dense: exclude=['0.weight'], or use another structure.""",
+    )
+
+
+def test_conv_transpose_is_refused() -> None:
+    model = nn.Sequential(nn.ConvTranspose2d(4, 4, 3))
+    with pytest.raises(ValueError) as info:
+        st.sparsify(model, policy="static", structure="constant-fan-in")
+    assert_expected_inline(
+        str(info.value),
+        """\
+Cannot give '0.weight' (shape (4, 4, 3, 3)) a structure: it is a ConvTranspose weight, whose rows are not its output units.
+Leave it dense: exclude=['0.weight'], or sparsify it without structure=.""",
+    )
+
+
+def test_count_changing_policies_are_refused() -> None:
+    policies = st.policies.POLICIES
+    for name in ("gmp", "snfs", "snip"):
+        if name not in policies:  # H-policies' policies, landing separately
+            continue
+        with pytest.raises(ValueError, match=f"policy {policies[name].__name__}"):
+            st.sparsify(mlp(8, 4), structure="constant-fan-in", policy=name, end_step=5)
+
+
+# -- initial masks and counts --------------------------------------------------------
+
+
+def rows_of(mask: Tensor) -> Tensor:
+    return mask.reshape(mask.shape[0], -1)
+
+
+def test_initial_nm_masks_keep_n_of_every_m_inputs() -> None:
+    model = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Conv1d(3, 4, 4))
+    sparsifier = st.sparsify(
+        model,
+        policy="static",
+        structure="1:4",
+        sparsity=0.75,
+        distribution="uniform",
+    )
+    for fqn, mask in sparsifier.masks.items():
+        groups = rows_of(mask).reshape(-1, 4).sum(1)
+        assert torch.equal(groups, torch.ones_like(groups)), fqn
+        assert int(mask.sum()) == sparsifier.topology.targets[fqn] == mask.numel() // 4
+
+
+def test_initial_fan_in_masks_give_every_row_round_density_times_fan_in() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 10), nn.Linear(10, 5)
+    )
+    sparsifier = st.sparsify(
+        model, policy="static", structure="constant-fan-in", sparsity=0.9
+    )
+    allocated = st.allocate(
+        {fqn: tuple(m.shape) for fqn, m in sparsifier.masks.items()}, 0.9, "erk"
+    )
+    for fqn, mask in sparsifier.masks.items():
+        fan_in = rows_of(mask).shape[1]
+        k = max(1, round((1 - allocated[fqn]) * fan_in))
+        assert torch.equal(rows_of(mask).sum(1), torch.full((mask.shape[0],), k)), fqn
+        assert sparsifier.topology.targets[fqn] == mask.shape[0] * k
+    assert_expected_inline(
+        sparsifier.summary(),
+        """\
+tensor    shape         target  actual     active      numel
+0.weight  (8, 3, 3, 3)  0.9284  0.9259         16        216
+2.weight  (10, 128)     0.9020  0.8984        130       1280
+3.weight  (5, 10)       0.7272  0.7000         15         50
+total                   0.9000  0.8959        161       1546""",
+    )
+
+
+def test_hf_conv1d_rows_are_its_columns() -> None:
+    class Conv1D(nn.Module):  # transformers.pytorch_utils.Conv1D's layout
+        def __init__(self, nf: int, nx: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(nx, nf))  # (in, out)
+            self.bias = nn.Parameter(torch.zeros(nf))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x @ self.weight + self.bias
+
+    Conv1D.__module__ = "transformers.pytorch_utils"
+    Conv1D.__qualname__ = "Conv1D"
+    model = nn.Sequential(Conv1D(8, 16), Conv1D(4, 8))
+    sparsifier = st.sparsify(
+        model, policy="static", structure="2:4", sparsity=0.5, distribution="uniform"
+    )
+    mask = sparsifier.masks["0.weight"]  # (16 in, 8 out)
+    per_output = mask.t().reshape(8, 4, 4).sum(2)
+    assert torch.equal(per_output, torch.full((8, 4), 2))
+    layout = sparsifier.topology.layouts["0.weight"]
+    assert (layout.rows, layout.cols, layout.transposed) == (8, 16, True)
+
+
+def test_unstructured_initial_masks_are_unchanged_by_the_structure_argument() -> None:
+    masks = []
+    for structure in (None, "absent"):
+        model = mlp(8, 16, 4)
+        kwargs: dict[str, Any] = {} if structure == "absent" else {"structure": None}
+        masks.append(st.sparsify(model, policy="static", sparsity=0.7, **kwargs).masks)
+    assert same(masks[0], masks[1])
+
+
+# -- reference updates: one update, from the definitions -----------------------------
+
+
+def reference_update(
+    w: list[float],
+    g: list[float],
+    mask: list[bool],
+    n_drop: int,
+    groups: list[tuple[list[int], int]],
+) -> list[bool]:
+    """Drop the ``n_drop`` smallest ``|w|`` (tensor-wide); each group regrows to its
+    quota by largest ``|g|`` among its positions not kept."""
+    active = [p for p, m in enumerate(mask) if m]
+    kept = set(
+        sorted(active, key=lambda p: abs(w[p]), reverse=True)[: len(active) - n_drop]
+    )
+    new = set(kept)
+    for positions, quota in groups:
+        candidates = [p for p in positions if p not in kept]
+        need = quota - sum(p in kept for p in positions)
+        new |= set(sorted(candidates, key=lambda p: abs(g[p]), reverse=True)[:need])
+    return [p in new for p in range(len(mask))]
+
+
+def test_rigl_update_of_a_2_4_layer_matches_the_definition() -> None:
+    torch.manual_seed(3)
+    layer = nn.Linear(8, 4, bias=False)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.0)
+    sparsifier = st.sparsify(
+        layer,
+        optimizer,
+        policy="rigl",
+        structure="2:4",
+        sparsity=0.5,
+        distribution="uniform",
+        total_steps=100,
+        update_interval=1,
+        drop_fraction=0.5,
+        drop_schedule="constant",
+    )
+    mask = sparsifier.masks["weight"].clone()
+    w = layer.weight.detach().clone()
+    x, c = torch.randn(3, 8), torch.randn(3, 4)
+    optimizer.zero_grad()
+    (layer(x) * c).sum().backward()
+    optimizer.step()  # step 1 updates
+    assert sparsifier.update_count == 1
+    grad = c.t() @ x  # d/dW of sum(c * (x W^T)), the dense gradient
+    groups = [(list(range(4 * i, 4 * i + 4)), 2) for i in range(8)]
+    expected = reference_update(
+        w.flatten().tolist(),
+        grad.flatten().tolist(),
+        mask.flatten().tolist(),
+        8,
+        groups,
+    )
+    new = sparsifier.masks["weight"]
+    assert new.flatten().tolist() == expected
+    assert not torch.equal(new, mask)  # the update changed something
+
+
+def test_rigl_update_of_a_constant_fan_in_layer_matches_the_definition() -> None:
+    g = torch.Generator().manual_seed(5)
+    rows, cols, k = 6, 10, 3
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    for r in range(rows):
+        mask[r, torch.randperm(cols, generator=g)[:k]] = True
+    w = torch.randn(rows, cols, generator=g) * mask
+    grad = torch.randn(rows, cols, generator=g)
+    layout = Layout(ConstantFanIn(), False, rows, cols, fan_in=k, ablate=False)
+    n_drop = 7
+    new = update_structured(RigL(), w, mask, grad, n_drop, torch.Generator(), layout)
+    groups = [(list(range(cols * r, cols * r + cols)), k) for r in range(rows)]
+    expected = reference_update(
+        w.flatten().tolist(),
+        grad.flatten().tolist(),
+        mask.flatten().tolist(),
+        n_drop,
+        groups,
+    )
+    assert new.flatten().tolist() == expected
+    assert not torch.equal(new, mask)
+
+
+def reference_ablation(
+    w: Tensor, g: Tensor, mask: Tensor, n_drop: int, gamma: float, k0: int
+) -> list[list[bool]]:
+    """SRigL's update with neuron ablation, from the paper's definition."""
+    rows, cols = w.shape
+    flat = [(r, c) for r in range(rows) for c in range(cols)]
+    active = [p for p in flat if mask[p]]
+    kept = sorted(active, key=lambda p: abs(float(w[p])), reverse=True)
+    kept = kept[: len(active) - n_drop]
+    top_grad = sorted(flat, key=lambda p: abs(float(g[p])), reverse=True)[:n_drop]
+    salient = set(kept) | set(top_grad)
+    threshold = max(1, math.floor(gamma * k0))
+    alive = [
+        r
+        for r in range(rows)
+        if sum((r, c) in salient for c in range(cols)) >= threshold
+    ]
+    k = rows * k0 // len(alive)
+    new = [[False] * cols for _ in range(rows)]
+    for r in alive:
+        mine = sorted(
+            (p for p in kept if p[0] == r), key=lambda p: abs(float(w[p])), reverse=True
+        )
+        mine = mine[:k]
+        others = [(r, c) for c in range(cols) if (r, c) not in mine]
+        grown = sorted(others, key=lambda p: abs(float(g[p])), reverse=True)[
+            : k - len(mine)
+        ]
+        for _, c in mine + grown:
+            new[r][c] = True
+    return new
+
+
+def test_srigl_update_with_neuron_ablation_matches_the_definition() -> None:
+    g = torch.Generator().manual_seed(11)
+    rows, cols, k0 = 6, 12, 4
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    for r in range(rows):
+        mask[r, torch.randperm(cols, generator=g)[:k0]] = True
+    scale = torch.ones(rows, 1)
+    scale[1] = scale[4] = 1e-3  # two rows with small weights and gradients
+    w = torch.randn(rows, cols, generator=g) * mask * scale
+    grad = torch.randn(rows, cols, generator=g) * scale
+    gamma, n_drop = 0.75, 8
+    layout = Layout(ConstantFanIn(ablation=gamma), False, rows, cols, k0, ablate=True)
+    new = update_structured(RigL(), w, mask, grad, n_drop, torch.Generator(), layout)
+    expected = reference_ablation(w, grad, mask, n_drop, gamma, k0)
+    assert new.tolist() == expected
+    counts = new.sum(1).tolist()
+    assert_expected_inline(str(counts), """[6, 0, 6, 6, 0, 6]""")  # 24 // 4 = 6 each
+    assert check_mask(new, layout)
+
+
+# -- every update keeps the structure (property) --------------------------------------
+
+
+STRUCTURES = {
+    "2:4": (NM(2, 4), 0.5),
+    "1:4": (NM(1, 4), 0.75),
+    "fan-in": (ConstantFanIn(), None),
+    "fan-in+ablation": (ConstantFanIn(ablation=0.9), None),
+}
+
+
+def structured_model(kind: str, widths: tuple[int, ...], seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    pairs = list(itertools.pairwise(widths))
+    if kind == "mlp":
+        for n_in, n_out in pairs:
+            layers += [nn.Linear(n_in, n_out), nn.Tanh()]
+        return nn.Sequential(*layers)
+    for c_in, c_out in pairs:
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(widths[-1] * 9, 4))
+
+
+@settings(PROFILE, max_examples=40)
+@given(
+    kind=hs.sampled_from(["mlp", "cnn"]),
+    depth=hs.integers(1, 3),
+    units=hs.lists(hs.integers(1, 4), min_size=4, max_size=4),
+    structure=hs.sampled_from(sorted(STRUCTURES)),
+    sparsity=hs.floats(0.0, 0.98),
+    distribution=hs.sampled_from(["uniform", "erk"]),
+    policy=hs.sampled_from(["rigl", "set", "static"]),
+    optimizer=hs.sampled_from(["sgd", "adamw"]),
+    drop_fraction=hs.floats(0.05, 1.0),
+    update_interval=hs.integers(1, 3),
+    save_at=hs.integers(1, 6),
+    seed=hs.integers(0, 2**16),
+)
+def test_every_update_keeps_the_structure_counts_and_zeros_and_resumes_exactly(
+    kind: str,
+    depth: int,
+    units: list[int],
+    structure: str,
+    sparsity: float,
+    distribution: str,
+    policy: str,
+    optimizer: str,
+    drop_fraction: float,
+    update_interval: int,
+    save_at: int,
+    seed: int,
+) -> None:
+    chosen, fixed = STRUCTURES[structure]
+    widths = tuple(4 * u for u in units[: depth + 1])  # whole 4-groups per row
+    if fixed is not None:
+        sparsity, distribution = fixed, "uniform"
+    total = 8
+
+    def build(run_seed: int) -> tuple[nn.Module, torch.optim.Optimizer, st.Sparsifier]:
+        model = structured_model(kind, widths, run_seed)
+        opt: torch.optim.Optimizer = (
+            torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+            if optimizer == "sgd"
+            else torch.optim.AdamW(model.parameters(), lr=1e-2)
+        )
+        sparsifier = st.sparsify(
+            model,
+            opt,
+            policy=policy,
+            structure=chosen,
+            sparsity=sparsity,
+            distribution=distribution,
+            total_steps=100,
+            update_interval=update_interval,
+            drop_fraction=drop_fraction,
+            seed=run_seed,
+        )
+        return model, opt, sparsifier
+
+    def batch(step: int) -> Tensor:
+        g = torch.Generator().manual_seed(1000 * seed + step)
+        shape = (4, widths[0]) if kind == "mlp" else (2, widths[0], 3, 3)
+        return torch.randn(shape, generator=g)
+
+    def train(
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        sparsifier: st.Sparsifier,
+        steps: range,
+    ) -> None:
+        for k in steps:
+            opt.zero_grad()
+            model(batch(k)).square().mean().backward()
+            opt.step()
+            check_invariants(sparsifier, opt, model=model)
+            for fqn, layout in sparsifier.topology.layouts.items():
+                assert check_mask(sparsifier.masks[fqn], layout), (k, fqn)
+
+    model, opt, sparsifier = build(seed)
+    assert len(sparsifier.topology.layouts) == len(sparsifier.masks)
+    train(model, opt, sparsifier, range(1, save_at + 1))
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "sparsity": sparsifier.state_dict(),
+        },
+        buffer,
+    )
+    train(model, opt, sparsifier, range(save_at + 1, total + 1))
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed, resumed_opt, resumed_sparsifier = build(seed + 1)
+    resumed.load_state_dict(saved["model"])
+    resumed_opt.load_state_dict(saved["optimizer"])
+    resumed_sparsifier.load_state_dict(saved["sparsity"])
+    train(resumed, resumed_opt, resumed_sparsifier, range(save_at + 1, total + 1))
+    assert same(resumed.state_dict(), model.state_dict())
+    assert same(resumed_opt.state_dict(), opt.state_dict())
+    assert same(resumed_sparsifier.state_dict(), sparsifier.state_dict())
+
+
+# -- checkpoints ------------------------------------------------------------------------
+
+
+def test_a_checkpoint_of_another_structure_is_refused() -> None:
+    def make(structure: str | None) -> st.Sparsifier:
+        return st.sparsify(
+            mlp(8, 8, 4),
+            policy="static",
+            structure=structure,
+            sparsity=0.5,
+            distribution="uniform",
+        )
+
+    state = make("2:4").state_dict()
+    with pytest.raises(ValueError) as info:
+        make(None).load_state_dict(state)
+    assert_expected_inline(
+        str(info.value),
+        """\
+The checkpoint was made with other settings:
+structure: checkpoint {'name': 'NM', 'n': 2, 'm': 4}, this sparsifier None
+Build the sparsifier with the checkpoint's settings.""",
+    )
+    with pytest.raises(ValueError, match="structure: checkpoint None"):
+        make("2:4").load_state_dict(make(None).state_dict())
+
+
+def test_a_checkpoint_mask_that_breaks_the_structure_is_refused() -> None:
+    sparsifier = st.sparsify(
+        mlp(8, 8, 4),
+        policy="static",
+        structure="2:4",
+        sparsity=0.5,
+        distribution="uniform",
+    )
+    state = sparsifier.state_dict()
+    bad = torch.zeros(8, 8, dtype=torch.bool)
+    bad[:, :4] = True  # 4 of the first group, 0 of the second: 32 active all the same
+    state["masks"]["0.weight"] = encode_mask(bad)
+    before = sparsifier.masks["0.weight"].clone()
+    with pytest.raises(ValueError) as info:
+        sparsifier.load_state_dict(state)
+    assert_expected_inline(
+        str(info.value),
+        """\
+Mask '0.weight' in the checkpoint does not meet the structure NM(n=2, m=4) (see sparsetorch.structure.check_mask).
+The checkpoint was made with another structure, or the mask was edited.""",
+    )
+    assert torch.equal(sparsifier.masks["0.weight"], before)
+
+
+# -- remove, export and the condensed layout --------------------------------------------
+
+
+def trained_fan_in_model(ablation: float = 0.0) -> tuple[nn.Module, st.Sparsifier]:
+    model = mlp(32, 48, 24, 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = st.sparsify(
+        model,
+        optimizer,
+        structure=ConstantFanIn(ablation=ablation),
+        sparsity=0.9,
+        total_steps=40,
+        update_interval=4,
+    )
+    g = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        optimizer.zero_grad()
+        model(torch.randn(8, 32, generator=g)).square().mean().backward()
+        optimizer.step()
+    assert sparsifier.update_count == 3
+    return model, sparsifier
+
+
+def test_remove_keeps_the_structure() -> None:
+    model, sparsifier = trained_fan_in_model()
+    masks = {fqn: m.clone() for fqn, m in sparsifier.masks.items()}
+    layouts = sparsifier.topology.layouts
+    sparsifier.remove()
+    for fqn, mask in masks.items():
+        weight = model.get_parameter(fqn)
+        assert check_mask(mask, layouts[fqn])
+        assert int(weight[~mask].count_nonzero()) == 0, fqn
+
+
+@pytest.mark.parametrize("ablation", [0.0, 0.9])
+def test_condensed_export_computes_what_mask_mode_computes(ablation: float) -> None:
+    model, sparsifier = trained_fan_in_model(ablation)
+    exported = sparsifier.export(execution="condensed")
+    layers = [m for m in exported.modules() if isinstance(m, CondensedLinear)]
+    assert len(layers) == 3
+    ablated = int((sparsifier.masks["0.weight"].sum(1) == 0).sum())
+    assert (ablated > 0) == (ablation > 0)  # rows ablated: padded, still exact
+    for fqn, layer in zip(sparsifier.masks, layers, strict=True):
+        mask = sparsifier.masks[fqn]
+        assert layer.fan_in == int(mask.sum(1).max())
+        assert torch.equal(layer.dense_weight(), model.get_submodule(fqn[:-7]).weight)
+    for x in (torch.randn(300, 32), torch.randn(32), torch.randn(2, 1, 32)):
+        x.requires_grad_(True)  # gradients reach the input, as through the model
+        expected = model(x)
+        (grad,) = torch.autograd.grad(expected.sum(), x)
+        got = exported(x)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            torch.autograd.grad(got.sum(), x)[0], grad, rtol=1e-5, atol=1e-6
+        )
+
+
+def test_condensed_layer_keeps_masked_weights_that_are_zero() -> None:
+    w = torch.tensor([[0.0, 2.0, 0.0, 1.0], [3.0, 0.0, 0.0, 4.0]])
+    mask = torch.tensor([[True, True, False, True], [True, False, True, True]])
+    layer = CondensedLinear(w, None, mask)
+    assert_expected_inline(str(layer.indices.tolist()), """[[0, 1, 3], [0, 2, 3]]""")
+    assert_expected_inline(
+        str(layer.values.tolist()), """[[0.0, 2.0, 1.0], [3.0, 0.0, 4.0]]"""
+    )
+    x = torch.randn(2, 5, 4)
+    torch.testing.assert_close(layer(x), F.linear(x, w))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_2_4_masks_export_to_semi_structured_sparse_tensors() -> None:
+    from torch.sparse import to_sparse_semi_structured
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64))
+    model = model.half().cuda()
+    sparsifier = st.sparsify(
+        model, policy="static", structure="2:4", sparsity=0.5, distribution="uniform"
+    )
+    sparsifier.remove()
+    x = torch.randn(64, 128, dtype=torch.half, device="cuda")
+    expected = model(x)
+    for layer in (model[0], model[2]):
+        layer.weight = nn.Parameter(to_sparse_semi_structured(layer.weight.detach()))
+    torch.testing.assert_close(model(x), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_condensed_benchmark_runs_quick() -> None:
+    """``benchmarks/condensed.py --quick`` prints its table (no timing asserted)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "condensed.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 64 x 64")]
+    assert len(rows) == 2
