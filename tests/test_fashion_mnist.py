@@ -94,7 +94,8 @@ def copy_dir(data_dir: Path, tmp_path: Path) -> Path:
 
 
 def test_quick_run_on_real_data(tmp_path: Path) -> None:
-    proc = _run(tmp_path, "--quick", "--no-progress", "--out", "out", timeout=300)
+    # one process: the worker pool is test_results_do_not_depend_on_jobs's
+    proc = _run(tmp_path, "--quick", "--jobs", "1", "--no-progress", "--out", "out")
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = json.loads((tmp_path / "out" / "results.json").read_text())
     rows = {
@@ -103,7 +104,7 @@ def test_quick_run_on_real_data(tmp_path: Path) -> None:
     }
     # the whole default grid ran: dense + 6 policies x 2 sparsities, ERK
     assert len(rows) == 13, sorted(rows)
-    assert payload["n_train"] == 12000 and payload["n_eval"] == 2000
+    assert payload["n_train"] == 6000 and payload["n_eval"] == 1000
     assert rows[("dense", "-", 0.0)]["mean"] > 0.75  # chance is 0.10
     assert rows[("rigl", "erk", 0.9)]["mean"] > 0.6
     for (policy, _dist, target), row in rows.items():
@@ -164,6 +165,39 @@ def test_results_do_not_depend_on_jobs(tmp_path: Path) -> None:
     assert abs(erk["overall_sparsity"] - 0.9) < 1e-4
     # ERK keeps the small first conv layer denser than the big linear one
     assert erk["layer_density"]["conv1.weight"] > erk["layer_density"]["fc1.weight"]
+
+
+def test_resume_keeps_finished_runs_and_json_rerenders(tmp_path: Path) -> None:
+    tiny = ["--quick", "--train-subset", "512", "--test-subset", "100", "--jobs", "1"]
+    tiny += ["--update-interval", "4"]
+    tiny += ["--no-progress", "--no-plots", "--out", str(tmp_path / "out")]
+    assert cli.main([*tiny, "--policy", "dense", "rigl", "--sparsity", "0.9"]) == 0
+    first = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert cli.main([*tiny, "--policy", "dense", "static", "rigl", "--resume"]) == 0
+    second = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert second["resumed_runs"] == 2  # dense and RigL 90% kept, static trained
+    kept = {json.dumps(r["spec"]): r for r in first["runs"]}
+    methods = []
+    for run in second["runs"]:
+        methods.append(f"{run['spec']['policy']} {run['spec']['sparsity']}")
+        if json.dumps(run["spec"]) in kept:
+            assert run == kept[json.dumps(run["spec"])]
+    assert methods == [
+        "dense 0.0",
+        "static 0.9",
+        "static 0.98",
+        "rigl 0.9",
+        "rigl 0.98",
+    ]
+    # the report re-renders from its JSON alone, identically
+    out = tmp_path / "again"
+    json_path = str(tmp_path / "out" / "results.json")
+    assert cli.main(["--from-json", json_path, "--out", str(out), "--no-plots"]) == 0
+    rendered = f"- This page was rendered from `{json_path}` by `--from-json` (no "
+    rendered += "training)\n"
+    again = (out / "results.md").read_text()
+    assert rendered in again
+    assert again.replace(rendered, "") == (tmp_path / "out" / "results.md").read_text()
 
 
 def _row(policy: str, sparsity: float, *accs: float, **variant: object) -> object:

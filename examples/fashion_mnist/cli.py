@@ -54,7 +54,7 @@ from .train import import_sparsetorch
 
 PROG = "fashion_mnist"
 # --quick: one seed, a slice of the data, and updates often enough to happen
-QUICK_TRAIN, QUICK_TEST, QUICK_EPOCHS, QUICK_INTERVAL = 12_000, 2_000, 2, 25
+QUICK_TRAIN, QUICK_TEST, QUICK_EPOCHS, QUICK_INTERVAL = 6_000, 1_000, 2, 25
 # the recipe fields a flag may set for every model
 RECIPE_FLAGS = (
     "epochs",
@@ -242,6 +242,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--no-plots", action="store_true")
     run.add_argument(
+        "--notes",
+        type=Path,
+        default=None,
+        help="a Markdown file put into the report as 'What the numbers show'",
+    )
+    run.add_argument(
         "--from-json",
         type=Path,
         default=None,
@@ -351,7 +357,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         meta = json.loads(args.from_json.read_text())
         loaded = [result_from_json(r) for r in meta.pop("runs")]
         meta.pop("rows", None)
-        pictures = write_outputs(loaded, meta, out_dir, report, plots=not args.no_plots)
+        meta["rendered_from"] = str(args.from_json)
+        pictures = write_outputs(
+            loaded, meta, out_dir, report, plots=not args.no_plots, notes=_notes(args)
+        )
         print(format_table(aggregate(loaded), evaluated_on=meta["evaluated_on"]))
         print(f"wrote {out_dir / 'results.json'}, {report}, {len(pictures)} plots")
         return 0
@@ -433,12 +442,23 @@ def run(argv: Sequence[str] | None = None) -> int:
         "recipes": {m: dataclasses.asdict(r) for m, r in used.items()},
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
     }
-    pictures = write_outputs(results, meta, out_dir, report, plots=not args.no_plots)
+    pictures = write_outputs(
+        results, meta, out_dir, report, plots=not args.no_plots, notes=_notes(args)
+    )
     print(
         f"\nwall time {wall:.0f}s; wrote {out_dir / 'results.json'}, {report}"
         + (f" and {len(pictures)} plots" if pictures else "")
     )
     return 0
+
+
+def _notes(args: argparse.Namespace) -> str:
+    if args.notes is None:
+        return ""
+    try:
+        return str(args.notes.read_text())
+    except OSError as exc:
+        raise UsageError(f"--notes {args.notes}: {exc.strerror}") from None
 
 
 class Journal:

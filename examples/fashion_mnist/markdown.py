@@ -22,11 +22,13 @@ def render_markdown(
     pictures: Sequence[str],
     json_path: str,
     gap_path: str,
+    notes: str = "",
 ) -> str:
     """The Markdown results page.
 
     ``pictures``, ``json_path`` and ``gap_path`` (docs/results/gap.md) are links
-    relative to the page.
+    relative to the page; ``notes`` (Markdown) is the "What the numbers show"
+    section, written by a person after the sweep.
     """
     recipes: Mapping[str, Mapping[str, Any]] = meta.get("recipes", {})
     models = list(dict.fromkeys(r.model for r in rows))
@@ -51,6 +53,15 @@ def render_markdown(
         "wall times are indicative",
         f"- Data: {meta.get('n_train', '?')} training examples, evaluated on "
         f"{meta.get('n_eval', '?')} {meta.get('evaluated_on', 'test')} examples",
+    ]
+    if meta.get("rendered_from"):
+        lines.append(
+            f"- This page was rendered from `{meta['rendered_from']}` by "
+            "`--from-json` (no training)"
+        )
+    if notes:
+        lines += ["", "## What the numbers show", "", notes.strip()]
+    lines += [
         "",
         "## Recipes",
         "",

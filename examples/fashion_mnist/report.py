@@ -373,8 +373,11 @@ def write_outputs(
     report: Path,
     *,
     plots: bool,
+    notes: str = "",
 ) -> list[Path]:
     """Writes results.json, the PNG plots and the Markdown report.
+
+    ``notes`` (Markdown) goes into the report as "What the numbers show".
 
     Returns:
         The paths of the plots written (none when matplotlib is missing).
@@ -411,6 +414,7 @@ def write_outputs(
             pictures=[os.path.relpath(p, report.parent) for p in pictures],
             json_path=os.path.relpath(out_dir / "results.json", report.parent),
             gap_path=os.path.relpath(GAP_NOTES, report.parent),
+            notes=notes,
         )
     )
     return pictures
