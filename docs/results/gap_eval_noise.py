@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-import fashion_mnist as fm
+from fashion_mnist import config, train
 from fashion_mnist_data import load_fashion_mnist
 
 SEEDS = (0, 1, 2)
@@ -31,7 +31,7 @@ def main() -> None:
     splits = {"validation": data.test_x, "test": full.test_x}
     labels = {"validation": data.test_y, "test": full.test_y}
     correct: dict[tuple[str, str, int], torch.Tensor] = {}
-    scored = fm.evaluate
+    scored = train.evaluate
     run: tuple[str, int] = ("", 0)
 
     def score_both_splits(
@@ -44,13 +44,13 @@ def main() -> None:
                 correct[(split, *run)] = hits.float()
         return scored(model, x, y)
 
-    fm.evaluate = score_both_splits
-    recipe = fm.Recipe(epochs=fm.DEFAULT_EPOCHS)
+    train.evaluate = score_both_splits  # type: ignore[assignment]
+    recipe = config.RECIPES["lenet300"]
     for seed in SEEDS:
         for policy, sparsity, distribution in RUNS:
             run = (policy, seed)
-            spec = fm.RunSpec("lenet", policy, sparsity, distribution, seed)
-            fm.train_one(spec, recipe, data, progress=False)
+            spec = config.RunSpec("lenet300", policy, sparsity, distribution, seed)
+            train.train_one(spec, recipe, data, progress=False)
     for split in splits:
         # per image: dense's hit minus RigL's, averaged over the seeds
         diff = torch.stack(
