@@ -633,3 +633,30 @@ def test_condensed_benchmark_runs_quick() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| 64 x 64")]
     assert len(rows) == 2
+
+
+def test_framework_callbacks_pass_the_structure_to_sparsify() -> None:
+    """The Lightning and Transformers callbacks share ``SparsifyArguments``."""
+    from sparsetorch.integrations._common import SparsifyArguments
+
+    arguments = SparsifyArguments()
+    for name, value in {
+        "policy": "rigl",
+        "sparsity": 0.5,
+        "distribution": "uniform",
+        "total_steps": 100,
+        "update_interval": 10,
+        "drop_fraction": 0.3,
+        "drop_schedule": "cosine",
+        "begin_step": 0,
+        "end_step": None,
+        "include": None,
+        "exclude": None,
+        "grow_init": "zeros",
+        "seed": 0,
+        "execution": "mask",
+        "structure": "2:4",
+    }.items():
+        setattr(arguments, name, value)
+    sparsifier = arguments._sparsify_model(mlp(8, 8, 4))
+    assert sparsifier.topology.structure == NM(2, 4)

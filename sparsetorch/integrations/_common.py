@@ -9,6 +9,7 @@ from torch import nn
 from sparsetorch.api import sparsify
 from sparsetorch.policies.base import Policy
 from sparsetorch.sparsifier import Sparsifier
+from sparsetorch.structure import Structure
 
 __all__ = ["LENGTH_NOT_YET_KNOWN", "SparsifyArguments"]
 
@@ -39,6 +40,7 @@ class SparsifyArguments:
     grow_init: str | float
     seed: int
     execution: str
+    structure: str | Structure | None
 
     def _sparsify_model(self, model: nn.Module) -> Sparsifier:
         """``sparsify(model)`` with these arguments, before an optimizer exists."""
@@ -62,6 +64,7 @@ class SparsifyArguments:
             grow_init=self.grow_init,
             seed=self.seed,
             execution=self.execution,
+            structure=self.structure,
         )
         if total_steps == LENGTH_NOT_YET_KNOWN:
             sparsifier.total_steps = None  # not a length: set at fit start

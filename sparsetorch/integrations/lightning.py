@@ -39,6 +39,7 @@ from sparsetorch._checkpoint import encode_mask
 from sparsetorch.integrations._common import SparsifyArguments
 from sparsetorch.policies.base import Policy
 from sparsetorch.sparsifier import Sparsifier
+from sparsetorch.structure import Structure
 from sparsetorch.topology import select_tensors
 
 __all__ = ["SparseTraining"]
@@ -101,6 +102,8 @@ class SparseTraining(SparsifyArguments, Callback):
         grow_init: value of newly grown weights. Default: ``"zeros"``.
         seed: seed of the mask generator. Default: ``0``.
         execution: ``"mask"``, ``"sparse"`` or ``"auto"``. Default: ``"mask"``.
+        structure: ``None``, ``"N:M"`` (e.g. ``"2:4"``), ``"constant-fan-in"``
+            or a :mod:`sparsetorch.structure` object. Default: ``None``.
         log_metrics: log the metrics above with ``pl_module.log_dict``.
             Default: ``True``.
         itop: track and log the ITOP rate. Default: ``False``.
@@ -144,6 +147,7 @@ class SparseTraining(SparsifyArguments, Callback):
         grow_init: str | float = "zeros",
         seed: int = 0,
         execution: str = "mask",
+        structure: str | Structure | None = None,
         log_metrics: bool = True,
         itop: bool = False,
     ) -> None:
@@ -161,6 +165,7 @@ class SparseTraining(SparsifyArguments, Callback):
         self.grow_init = grow_init
         self.seed = seed
         self.execution = execution
+        self.structure = structure
         self.log_metrics = log_metrics
         self.itop = itop
         self._sparsifier: Sparsifier | None = None

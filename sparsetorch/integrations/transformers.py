@@ -52,6 +52,7 @@ from sparsetorch import _distributed
 from sparsetorch.integrations._common import SparsifyArguments
 from sparsetorch.policies.base import Policy
 from sparsetorch.sparsifier import Sparsifier
+from sparsetorch.structure import Structure
 from sparsetorch.topology import named_tensors
 
 __all__ = ["SPARSIFIER_NAME", "SparseTrainingCallback"]
@@ -117,6 +118,8 @@ class SparseTrainingCallback(SparsifyArguments, TrainerCallback):
         grow_init: value of newly grown weights. Default: ``"zeros"``.
         seed: seed of the mask generator. Default: ``0``.
         execution: ``"mask"``, ``"sparse"`` or ``"auto"``. Default: ``"mask"``.
+        structure: ``None``, ``"N:M"`` (e.g. ``"2:4"``), ``"constant-fan-in"``
+            or a :mod:`sparsetorch.structure` object. Default: ``None``.
         log_metrics: add the metrics above to the Trainer's logs.
             Default: ``True``.
         itop: track the ITOP rate (one more bool per masked weight, saved
@@ -160,6 +163,7 @@ class SparseTrainingCallback(SparsifyArguments, TrainerCallback):
         grow_init: str | float = "zeros",
         seed: int = 0,
         execution: str = "mask",
+        structure: str | Structure | None = None,
         log_metrics: bool = True,
         itop: bool = False,
     ) -> None:
@@ -177,6 +181,7 @@ class SparseTrainingCallback(SparsifyArguments, TrainerCallback):
         self.grow_init = grow_init
         self.seed = seed
         self.execution = execution
+        self.structure = structure
         self.log_metrics = log_metrics
         self.itop = itop
         self._sparsifier: Sparsifier | None = None
