@@ -17,6 +17,8 @@ from sparsetorch.api import sparsify
 from sparsetorch.compat import RigLScheduler
 from sparsetorch.distributions import DISTRIBUTIONS, allocate
 from sparsetorch.execution import export_sparse
+from sparsetorch.flops import FlopsReport
+from sparsetorch.metrics import MaskUpdate
 from sparsetorch.parametrization import MaskParametrization
 from sparsetorch.policies import (
     GMP,
@@ -41,7 +43,9 @@ __all__ = [
     "SNFS",
     "SNIP",
     "ConstantFanIn",
+    "FlopsReport",
     "MaskParametrization",
+    "MaskUpdate",
     "Policy",
     "RigL",
     "RigLScheduler",
