@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,14 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import check_invariants
+from conftest import (
+    assert_same,
+    check_invariants,
+    exit_worker,
+    small_sparse,
+    spawn_ranks,
+    train_step,
+)
 from expecttest import assert_expected_inline
 from hypothesis import given, settings
 from hypothesis import strategies as hs
@@ -660,3 +668,70 @@ def test_framework_callbacks_pass_the_structure_to_sparsify() -> None:
         setattr(arguments, name, value)
     sparsifier = arguments._sparsify_model(mlp(8, 8, 4))
     assert sparsifier.topology.structure == NM(2, 4)
+
+
+# -- DDP: every rank holds the same structured masks ----------------------------------
+
+DDP_STRUCTURES: dict[str, tuple[Any, float]] = {
+    "2:4": (NM(2, 4), 0.5),
+    "srigl": (ConstantFanIn(ablation=0.7), 0.75),
+}
+
+
+def _global_batch(step: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(32, 12, generator=g), torch.randint(0, 6, (32,), generator=g)
+
+
+def _structured_run(name: str, rank: int | None) -> dict[str, Any]:
+    """RigL on ``small_mlp`` for 6 steps (updates at 2, 4, 6): one process on
+    the global batch (``rank=None``), or one rank of 2 under DDP on its half."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    structure, sparsity = DDP_STRUCTURES[name]
+    model, optimizer, sparsifier = small_sparse(
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+        structure=structure,
+        sparsity=sparsity,
+    )
+    net: nn.Module = model if rank is None else DDP(model)
+    masks = []
+    for step in range(1, 7):
+        x, y = _global_batch(step)
+        if rank is not None:
+            x, y = x[16 * rank : 16 * (rank + 1)], y[16 * rank : 16 * (rank + 1)]
+        train_step(net, optimizer, x, y)
+        masks.append({f: m.clone() for f, m in sparsifier.masks.items()})
+    return {
+        "masks": masks,
+        "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "updates": sparsifier.update_count,
+    }
+
+
+def _ddp_worker(rank: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        results = {name: _structured_run(name, rank) for name in DDP_STRUCTURES}
+    finally:
+        dist.destroy_process_group()
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    exit_worker()
+
+
+def test_ddp_ranks_hold_identical_structured_masks_equal_to_one_process(
+    tmp_path: Path,
+) -> None:
+    r0, r1 = spawn_ranks(_ddp_worker, tmp_path)
+    for name in DDP_STRUCTURES:
+        single = _structured_run(name, None)
+        assert r0[name]["updates"] == r1[name]["updates"] == single["updates"] == 3
+        assert_same(r0[name]["masks"], r1[name]["masks"], name)
+        assert_same(r0[name]["masks"], single["masks"], name)
+        assert_same(r0[name]["weights"], r1[name]["weights"], name)
+        for key, value in r0[name]["weights"].items():
+            torch.testing.assert_close(value, single["weights"][key], rtol=0, atol=1e-5)
+    ablated = int((r0["srigl"]["masks"][-1]["0.weight"].sum(1) == 0).sum())
+    assert ablated > 0  # the SRigL run did ablate units
