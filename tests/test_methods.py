@@ -845,3 +845,41 @@ def test_ddp_ranks_hold_identical_masks_counts_and_momentum(tmp_path: Path) -> N
     assert ranks[0]["snfs"]["signals"]  # SNFS kept its momentum
     counts = ranks[0]["snfs"]["counts"]
     assert sum(counts.values()) == sum(build("snfs")[2].topology.final_targets.values())
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_sparse_execution_gives_the_same_masks_as_mask_mode(policy: str) -> None:
+    """Counts that move (SNFS, GMP, SNIP) keep sparse execution's index right."""
+    runs = []
+    for execution in ("mask", "sparse"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sparsifier = st.sparsify(
+            model,
+            opt,
+            policy=policy,
+            sparsity=0.9,
+            execution=execution,
+            update_interval=2,
+            end_step=12,
+            drop_fraction=0.5,
+        )
+        g = torch.Generator().manual_seed(0)
+        data = [
+            (torch.randn(16, 64, generator=g), torch.randint(0, 4, (16,), generator=g))
+            for _ in range(14)
+        ]
+        if policy == "snip":
+            sparsifier.prune_at_init(
+                lambda b, net=model: F.cross_entropy(net(b[0]), b[1]), data[:1]
+            )
+        for x, y in data:
+            step(model, opt, x, y)
+            check_invariants(sparsifier, opt, model=model)
+        runs.append(({f: m.clone() for f, m in sparsifier.masks.items()}, model))
+    (masks, model), (sparse_masks, sparse_model) = runs
+    for fqn, mask in masks.items():
+        assert torch.equal(sparse_masks[fqn], mask), fqn
+    x = torch.randn(8, 64)
+    torch.testing.assert_close(sparse_model(x), model(x), rtol=1e-5, atol=1e-5)
