@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from sparsetorch import _distributed
 from sparsetorch._stash import Stash
 from sparsetorch.parametrization import local
 from sparsetorch.policies import base
@@ -190,10 +191,18 @@ def _count(tensor: Tensor) -> None:
     TRAFFIC["bytes"] += tensor.numel() * tensor.element_size()
 
 
+def _sendable(tensor: Tensor) -> Tensor:
+    """``tensor`` where the backend can send it (CUDA under NCCL)."""
+    device = _distributed._comm_device()
+    return tensor if device is None else tensor.to(device)
+
+
 def _all_reduce(tensor: Tensor, group: Any) -> Tensor:
+    """Sum ``tensor`` over ``group``'s ranks; the result is where ``tensor`` was."""
     _count(tensor)
-    dist.all_reduce(tensor, group=group)
-    return tensor
+    sent = _sendable(tensor)
+    dist.all_reduce(sent, group=group)
+    return sent.to(tensor.device)
 
 
 def top_sharded(
@@ -219,11 +228,11 @@ def top_sharded(
     """
     n = _all_reduce(torch.tensor([scores.numel()]), shard.group).item()
     if k <= 0:
-        return torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long, device=scores.device)
     if k >= n:
-        return torch.arange(scores.numel())
-    keys, width = _keys(scores.detach().cpu())
-    positions = torch.arange(keys.numel())
+        return torch.arange(scores.numel(), device=scores.device)
+    keys, width = _keys(scores.detach())
+    positions = torch.arange(keys.numel(), device=keys.device)
     chosen: list[Tensor] = []
     needed = k
     tied_total = 0
@@ -242,16 +251,17 @@ def top_sharded(
         tied_total = int(hist[j])
     # `positions` now holds this shard's scores equal to the k-th highest one.
     if tied_total > needed:
-        counts = [torch.zeros(1, dtype=torch.long) for _ in range(_world(shard))]
-        mine = torch.tensor([positions.numel()])
+        mine = _sendable(torch.tensor([positions.numel()]))
+        counts = [torch.zeros_like(mine) for _ in range(_world(shard))]
         _count(mine)
         dist.all_gather(counts, mine, group=shard.group)
         start = sum(int(c) for c in counts[: dist.get_rank(shard.group)])
         draw = torch.randperm(tied_total, generator=generator)[:needed]
+        draw = draw.to(positions.device)
         ours = draw[(draw >= start) & (draw < start + positions.numel())] - start
         positions = positions[ours]
     chosen.append(positions)
-    return torch.sort(torch.cat(chosen)).values.to(scores.device)
+    return torch.sort(torch.cat(chosen)).values
 
 
 def _world(shard: Shard) -> int:
@@ -323,7 +333,7 @@ def _check_finite_everywhere(
     bad = ~torch.isfinite(scores)
     if skip is not None:
         bad[skip] = False
-    count = _all_reduce(torch.tensor([int(bad.sum())]), shard.group).item()
+    count = _all_reduce(bad.sum().view(1), shard.group).item()
     if count:
         raise FloatingPointError(
             f"{policy}.{kind}_score gave {count} NaN/inf value(s); the update would "
