@@ -85,6 +85,9 @@ class MaskMetrics:
         self.ever: dict[str, Tensor] | None = None
         self._last: dict[str, tuple[_Count, _Count]] = {}
         self._history: list[tuple[int, dict[str, tuple[_Count, _Count]], Any]] = []
+        #: ``tensor_fqn -> weights ever active``, kept from the last recording so
+        #: that reading the ITOP rate at every step costs no pass over the masks.
+        self._ever_counts: dict[str, _Count] = {}
 
     # -- recording ----------------------------------------------------------------
 
@@ -92,6 +95,11 @@ class MaskMetrics:
         """Start the union of masks from ``masks`` (no-op if already tracking)."""
         if self.ever is None:
             self.ever = {fqn: mask.detach().clone() for fqn, mask in masks.items()}
+            self._count_ever()
+
+    def _count_ever(self) -> None:
+        ever = self.ever or {}
+        self._ever_counts = {fqn: union.sum() for fqn, union in ever.items()}
 
     @torch.no_grad()
     def record(
@@ -135,6 +143,8 @@ class MaskMetrics:
             ever = None if ever is None else [next(summed) for _ in ever]
         self._last = counts
         self._history.append((step, counts, ever))
+        if self.ever is not None and ever is not None:
+            self._ever_counts = dict(zip(self.ever, ever, strict=True))
 
     # -- reading ------------------------------------------------------------------
 
@@ -156,31 +166,41 @@ class MaskMetrics:
             out.append(MaskUpdate(step, grown, active, total, numel))
         return out
 
+    def _last_counts(self) -> dict[str, tuple[int, int]]:
+        last = {fqn: (int(g), int(a)) for fqn, (g, a) in self._last.items()}
+        self._last = dict(last)  # ints from now on: read at every step for free
+        return last
+
     def mask_change(self) -> dict[str, float]:
         """``tensor_fqn -> share grown`` by the last update (0 before any)."""
         return {
-            fqn: (int(g) / int(a) if int(a) else 0.0)
-            for fqn, (g, a) in self._last.items()
+            fqn: (grown / active if active else 0.0)
+            for fqn, (grown, active) in self._last_counts().items()
         } or dict.fromkeys(self.numel, 0.0)
 
     def total_mask_change(self) -> float:
         """The share of all active weights grown by the last update (0 before any)."""
-        grown = sum(int(g) for g, _ in self._last.values())
-        active = sum(int(a) for _, a in self._last.values())
+        last = self._last_counts().values()
+        grown = sum(g for g, _ in last)
+        active = sum(a for _, a in last)
         return grown / active if active else 0.0
+
+    def _ever(self) -> dict[str, int]:
+        counts = {fqn: int(c) for fqn, c in self._ever_counts.items()}
+        self._ever_counts = dict(counts)
+        return counts
 
     def itop(self) -> dict[str, float] | None:
         """``tensor_fqn -> ITOP rate``, or ``None`` when not tracked."""
         if self.ever is None:
             return None
-        return {fqn: int(e.sum()) / e.numel() for fqn, e in self.ever.items()}
+        return {fqn: c / self.numel[fqn] for fqn, c in self._ever().items()}
 
     def total_itop(self) -> float | None:
         """The ITOP rate over all masked tensors, or ``None`` when not tracked."""
         if self.ever is None:
             return None
-        ever = sum(int(e.sum()) for e in self.ever.values())
-        return ever / sum(self.numel.values())
+        return sum(self._ever().values()) / sum(self.numel.values())
 
     # -- checkpoints --------------------------------------------------------------
 
@@ -260,18 +280,17 @@ class MaskMetrics:
         """
         if state is None:
             self._history, self._last = [], {}
-            if self.ever is not None:
-                self.ever = {f: m.detach().clone() for f, m in masks.items()}
-            return
-        self._history = [
-            (step, {"": (grown, active)}, None if ever < 0 else [ever])
-            for step, grown, active, ever in state["history"]
-        ]
-        self._last = {fqn: (int(g), int(a)) for fqn, (g, a) in state["last"].items()}
-        if state["ever"] is not None:
+        else:
+            self._history = [
+                (step, {"": (grown, active)}, None if ever < 0 else [ever])
+                for step, grown, active, ever in state["history"]
+            ]
+            self._last = {f: (int(g), int(a)) for f, (g, a) in state["last"].items()}
+        if state is not None and state["ever"] is not None:
             self.ever = {
                 fqn: state["ever"][fqn].to(mask.device) | mask
                 for fqn, mask in masks.items()
             }
         elif self.ever is not None:
             self.ever = {f: m.detach().clone() for f, m in masks.items()}
+        self._count_ever()
