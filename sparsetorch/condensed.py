@@ -8,9 +8,12 @@ dot products::
 
     y[b, o] = bias[o] + sum_j values[o, j] * x[b, indices[o, j]]
 
-A single input row is one gather (``index_select``) and a row-wise product
-and sum; a batch is one ``F.embedding_bag`` over the rows of ``x^T`` with the
-values as per-sample weights, a fused gather-multiply-add kernel. This is
+A batch is one ``F.embedding_bag`` over the rows of ``x^T`` with the values as
+per-sample weights: a fused gather-multiply-add kernel, each gather a row of
+``batch`` contiguous inputs. A single input row runs PyTorch's CSR
+matrix-vector kernel on the same two arrays (the constant fan-in makes the row
+offsets ``0, k, 2k, ...``, so they are not stored): one fused pass, where a
+gather followed by a product and a sum would take three. This is
 SRigL's condensed representation (Lasby et al. 2023,
 https://arxiv.org/abs/2305.02299, section 5): ``k * out`` multiply-adds
 instead of ``in * out``, with no per-row offsets to read as CSR needs. Rows of
@@ -21,6 +24,9 @@ for its speed against dense and CSR.
 """
 
 from __future__ import annotations
+
+import warnings
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -94,9 +100,21 @@ class CondensedLinear(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         x = input.reshape(-1, self.in_features)  # (rows, in)
-        if x.shape[0] == 1:  # online inference: one gather, k-long dot products
-            gathered = torch.index_select(x, 1, self.indices.view(-1))
-            y = (gathered.view_as(self.values) * self.values).sum(1).unsqueeze(0)
+        if x.shape[0] == 1:  # online inference: the k-long dot products, fused
+            out, k = self.values.shape
+            crow = torch.arange(
+                0, out * k + 1, k, dtype=self.indices.dtype, device=x.device
+            )  # constant fan-in: row offsets without storing them
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Sparse CSR tensor support")
+                weight = torch.sparse_csr_tensor(
+                    crow,
+                    self.indices.view(-1),
+                    self.values.view(-1),
+                    (out, self.in_features),
+                    check_invariants=False,  # built from a valid layout
+                )
+            y = cast(Tensor, torch.sparse.mm(weight, x.t())).t()  # (1, out)
         else:  # a batch: each unit sums k weighted rows of x^T in one fused kernel
             y = F.embedding_bag(
                 self.indices,
