@@ -63,8 +63,9 @@ def sparsify(
     DistributedDataParallel's per-forward buffer broadcast. A model already
     wrapped in ``DistributedDataParallel`` can be passed as it is: it is
     sparsified through its ``.module`` and DDP's reducer is rebuilt (pass the
-    wrapper, not ``.module``). FSDP-sharded models are not supported (see
-    ``docs/distributed.md``).
+    wrapper, not ``.module``). Under FSDP2, sparsify the whole model, then
+    ``fully_shard`` it and build the optimizer: the masks are sharded like
+    their weights (see ``docs/distributed.md``).
 
     Args:
         model: the model to sparsify, changed in place.
@@ -138,8 +139,8 @@ def sparsify(
         RuntimeError: the model holds a ``DistributedDataParallel`` inside
             another module, is a DDP wrapper using ``mixed_precision``,
             ``delay_all_reduce_named_params`` or the Python reducer, or is
-            sharded (FSDP, ``fully_shard``, DTensor parameters). The model is
-            left unchanged.
+            already sharded (``fully_shard`` before ``sparsify``, FSDP1). The
+            model is left unchanged.
 
     Example::
 
