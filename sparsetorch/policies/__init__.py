@@ -5,6 +5,7 @@ from sparsetorch.policies.base import (
     CountContext,
     Policy,
     make_policy,
+    random_scores,
     register_policy,
     update_mask,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "RigL",
     "Static",
     "make_policy",
+    "random_scores",
     "register_policy",
     "update_mask",
 ]

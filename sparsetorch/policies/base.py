@@ -46,6 +46,7 @@ __all__ = [
     "CountContext",
     "Policy",
     "make_policy",
+    "random_scores",
     "register_policy",
     "update_mask",
 ]
