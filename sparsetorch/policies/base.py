@@ -2,10 +2,13 @@
 
 A policy is a small frozen dataclass whose fields are its hyperparameters. It
 scores positions; the framework (:func:`update_mask`) does the rest: it drops the
-``n_drop`` lowest-scoring *active* weights and grows the ``n_drop``
+``n_drop`` lowest-scoring *active* weights and grows the ``n_grow``
 highest-scoring positions among all positions not kept (a weight dropped in this
 update may be grown back, as in google-research/rigl). Ties are broken by the
-update's seeded :class:`torch.Generator`, never by position.
+update's seeded :class:`torch.Generator`, never by position. How many each
+tensor drops and grows is the policy's :meth:`Policy.update_counts`: by default
+``int(active * drop_fraction)`` of each (the count stays); SNFS moves regrowth
+between tensors, GMP only prunes.
 
 Write your own policy by subclassing :class:`Policy`::
 
