@@ -99,6 +99,33 @@ def mlp_params(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
     )
 
 
+# -- the update rule with n_grow ---------------------------------------------------
+
+
+@pytest.mark.parametrize("n_drop,n_grow", [(3, 0), (3, 7), (5, 2), (0, 4)])
+def test_update_mask_drops_n_drop_and_grows_n_grow(n_drop: int, n_grow: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(40, generator=g) < 0.5
+    weight = torch.randn(40, generator=g) * mask
+    grad = torch.randn(40, generator=g)
+    new = st.policies.update_mask(
+        st.RigL(), weight, mask, grad, n_drop, torch.Generator(), n_grow=n_grow
+    )
+    kept = top(weight.abs(), int(mask.sum()) - n_drop, mask)
+    grown = top(grad.abs(), n_grow, ~kept)
+    assert torch.equal(new, kept | grown)
+    assert int(new.sum()) == int(mask.sum()) - n_drop + n_grow
+
+
+def test_gmp_prunes_alone_with_update_mask() -> None:
+    weight = torch.tensor([0.5, -0.1, 0.0, 0.0, 2.0, 0.3])
+    mask = torch.tensor([True, True, False, False, True, True])
+    new = st.policies.update_mask(
+        GMP(), weight, mask, None, 2, torch.Generator(), n_grow=0
+    )
+    assert new.tolist() == [True, False, False, False, True, False]
+
+
 # -- GMP --------------------------------------------------------------------------
 
 

@@ -127,11 +127,12 @@ class GMP(Policy):
         grad: Tensor | None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Not used: GMP grows nothing (its updates ask for ``n_grow=0``)."""
-        raise RuntimeError(
-            "GMP only prunes: call update_mask(GMP(), ..., n_grow=0), or let the "
-            "sparsifier ask GMP for its counts."
-        )
+        """Prefer the current mask: not read, GMP's updates grow nothing.
+
+        (Called with ``n_grow=n_drop`` by hand, the update regrows what it
+        dropped: no change.)
+        """
+        return mask.to(weight.dtype)
 
 
 def pruning_steps(schedule: Schedule) -> tuple[int, int] | None:
