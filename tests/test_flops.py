@@ -23,8 +23,6 @@ padding=1) -> Flatten -> Linear(36, 5)`` on 3x6x6 inputs:
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import pytest
 import torch
 from expecttest import assert_expected_inline
@@ -33,7 +31,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import sparsetorch as st
 from sparsetorch.flops import FlopsReport
-from sparsetorch.policies import SET
 
 MLP_SPARSITY = {"0.weight": 0.75, "2.weight": 0.5}
 CNN_SPARSITY = {"0.weight": 0.75, "2.weight": 0.5, "5.weight": 0.5}
@@ -219,12 +216,7 @@ def test_rigl_over_gradient_accumulation_keeps_it_for_each_accumulated_step() ->
 
 
 def test_snfs_keeps_the_dense_gradient_at_every_step_until_the_last_update() -> None:
-    @st.register_policy("test-flops-every-step")
-    class EveryStep(SET):
-        needs_grad: ClassVar[bool] = True
-        dense_grad_every_step: ClassVar[bool] = True
-
-    report = mlp_report(EveryStep(), total_steps=100, update_interval=10)
+    report = mlp_report("snfs", total_steps=100, update_interval=10)
     # updates after 10, ..., 70; steps 1-70 cost 2 f_S + f_D, steps 71-100 3 f_S:
     # 70 * (400 + 600) + 30 * 600 = 3 * 200 * 100 + 70 * 400 = 88_000
     assert (report.dense_grad_steps, report.training_flops) == (70, 88_000)
