@@ -126,6 +126,7 @@ def gathered(sparsifier: st.Sparsifier) -> dict[str, Any]:
 SCENARIOS: dict[str, dict[str, Any]] = {
     "rigl": {"policy": "rigl"},
     "set": {"policy": "set"},
+    "gmp": {"policy": "gmp"},  # dense to sparse: counts fall at every update
     # FSDP adds each micro-batch's reduce-scattered gradient to the shard: the
     # dense gradient RigL grows by must still be the sum over micro-batches.
     "rigl_accumulate": {"policy": "rigl", "micros": 2},
