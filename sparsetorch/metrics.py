@@ -21,7 +21,8 @@ writes the new masks:
   opt-in: :meth:`~sparsetorch.Sparsifier.track_itop`. The union is saved in
   :meth:`~sparsetorch.Sparsifier.state_dict` and restored on load.
 
-Counts are kept as tensors until read, so recording adds no device sync.
+Recording an update costs one device sync (the update itself syncs several
+times) and keeps a few Python ints; reading the metrics reads those ints.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ from torch import Tensor
 from sparsetorch._checkpoint import decode_mask, encode_mask
 
 __all__ = ["MaskMetrics", "MaskUpdate"]
-
-_Count = Tensor | int
 
 
 @dataclass(frozen=True)
@@ -83,11 +82,13 @@ class MaskMetrics:
         self.numel = {fqn: mask.numel() for fqn, mask in masks.items()}
         #: ``tensor_fqn -> union of every mask so far`` when ITOP is tracked.
         self.ever: dict[str, Tensor] | None = None
-        self._last: dict[str, tuple[_Count, _Count]] = {}
-        self._history: list[tuple[int, dict[str, tuple[_Count, _Count]], Any]] = []
+        #: ``tensor_fqn -> (grown, active)`` of the last update.
+        self._last: dict[str, tuple[int, int]] = {}
+        #: ``(step, grown, active, ever active or None)`` of every update.
+        self._history: list[tuple[int, int, int, int | None]] = []
         #: ``tensor_fqn -> weights ever active``, kept from the last recording so
         #: that reading the ITOP rate at every step costs no pass over the masks.
-        self._ever_counts: dict[str, _Count] = {}
+        self._ever_counts: dict[str, int] = {}
 
     # -- recording ----------------------------------------------------------------
 
@@ -99,7 +100,8 @@ class MaskMetrics:
 
     def _count_ever(self) -> None:
         ever = self.ever or {}
-        self._ever_counts = {fqn: union.sum() for fqn, union in ever.items()}
+        counts = _ints([union.sum() for union in ever.values()], None)
+        self._ever_counts = dict(zip(ever, counts, strict=True))
 
     @torch.no_grad()
     def record(
@@ -119,32 +121,30 @@ class MaskMetrics:
             reduce: sums a tensor of counts over ranks, when the masks are
                 FSDP2 shards (``old`` and ``new`` then hold this rank's shards).
         """
-        counts: dict[str, tuple[_Count, _Count]] = {}
+        flat: list[Tensor] = []  # grown and active of each tensor, then the unions
         for fqn, before in old.items():
             after = new.get(fqn)
             if after is None:
-                counts[fqn] = (0, before.sum())
+                flat += [before.new_zeros((), dtype=torch.long), before.sum()]
                 continue
-            counts[fqn] = ((after & ~before).sum(), after.sum())
+            flat += [(after & ~before).sum(), after.sum()]
             if self.ever is not None:
                 union = self.ever[fqn]
                 if union.device != after.device:  # the model moved since then
                     union = self.ever[fqn] = union.to(after.device)
                 union |= after
+        if self.ever is not None:
+            flat += [union.sum() for union in self.ever.values()]
+        values = iter(_ints(flat, reduce))
+        counts = {fqn: (next(values), next(values)) for fqn in old}
+        self._last = counts
         ever = None
         if self.ever is not None:
-            ever = [e.sum() for e in self.ever.values()]
-        if reduce is not None:  # shards: one collective for every count
-            flat = [c for pair in counts.values() for c in pair] + (ever or [])
-            summed = iter(
-                reduce(torch.stack([torch.as_tensor(c) for c in flat]).long()).tolist()
-            )
-            counts = {fqn: (next(summed), next(summed)) for fqn in counts}
-            ever = None if ever is None else [next(summed) for _ in ever]
-        self._last = counts
-        self._history.append((step, counts, ever))
-        if self.ever is not None and ever is not None:
-            self._ever_counts = dict(zip(self.ever, ever, strict=True))
+            self._ever_counts = {fqn: next(values) for fqn in self.ever}
+            ever = sum(self._ever_counts.values())
+        grown = sum(g for g, _ in counts.values())
+        active = sum(a for _, a in counts.values())
+        self._history.append((step, grown, active, ever))
 
     # -- reading ------------------------------------------------------------------
 
@@ -152,61 +152,38 @@ class MaskMetrics:
     def history(self) -> list[MaskUpdate]:
         """Every recorded update, oldest first."""
         numel = sum(self.numel.values())
-        out = []
-        for i, (step, counts, ever) in enumerate(self._history):
-            grown = sum(int(g) for g, _ in counts.values())
-            active = sum(int(a) for _, a in counts.values())
-            total = None if ever is None else sum(int(e) for e in ever)
-            # Keep ints from now on: reading twice costs nothing.
-            self._history[i] = (
-                step,
-                {f: (int(g), int(a)) for f, (g, a) in counts.items()},
-                None if ever is None else [total],
-            )
-            out.append(MaskUpdate(step, grown, active, total, numel))
-        return out
-
-    def _last_counts(self) -> dict[str, tuple[int, int]]:
-        last = {fqn: (int(g), int(a)) for fqn, (g, a) in self._last.items()}
-        self._last = dict(last)  # ints from now on: read at every step for free
-        return last
+        return [MaskUpdate(*row, numel) for row in self._history]
 
     def mask_change(self) -> dict[str, float]:
         """``tensor_fqn -> share grown`` by the last update (0 before any)."""
         return {
             fqn: (grown / active if active else 0.0)
-            for fqn, (grown, active) in self._last_counts().items()
+            for fqn, (grown, active) in self._last.items()
         } or dict.fromkeys(self.numel, 0.0)
 
     def total_mask_change(self) -> float:
         """The share of all active weights grown by the last update (0 before any)."""
-        last = self._last_counts().values()
-        grown = sum(g for g, _ in last)
-        active = sum(a for _, a in last)
+        grown = sum(g for g, _ in self._last.values())
+        active = sum(a for _, a in self._last.values())
         return grown / active if active else 0.0
-
-    def _ever(self) -> dict[str, int]:
-        counts = {fqn: int(c) for fqn, c in self._ever_counts.items()}
-        self._ever_counts = dict(counts)
-        return counts
 
     def itop(self) -> dict[str, float] | None:
         """``tensor_fqn -> ITOP rate``, or ``None`` when not tracked."""
         if self.ever is None:
             return None
-        return {fqn: c / self.numel[fqn] for fqn, c in self._ever().items()}
+        return {fqn: c / self.numel[fqn] for fqn, c in self._ever_counts.items()}
 
     def total_itop(self) -> float | None:
         """The ITOP rate over all masked tensors, or ``None`` when not tracked."""
         if self.ever is None:
             return None
-        return sum(self._ever().values()) / sum(self.numel.values())
+        return sum(self._ever_counts.values()) / sum(self.numel.values())
 
     # -- checkpoints --------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Plain data: the history, the last update's counts, the union masks."""
-        history = self.history  # materialises the counts
+        history = self.history
         state: dict[str, Any] = {
             "history": [
                 [
@@ -282,7 +259,7 @@ class MaskMetrics:
             self._history, self._last = [], {}
         else:
             self._history = [
-                (step, {"": (grown, active)}, None if ever < 0 else [ever])
+                (step, grown, active, None if ever < 0 else ever)
                 for step, grown, active, ever in state["history"]
             ]
             self._last = {f: (int(g), int(a)) for f, (g, a) in state["last"].items()}
@@ -294,3 +271,18 @@ class MaskMetrics:
         elif self.ever is not None:
             self.ever = {f: m.detach().clone() for f, m in masks.items()}
         self._count_ever()
+
+
+def _ints(counts: list[Tensor], reduce: Callable[[Tensor], Tensor] | None) -> list[int]:
+    """``counts`` (0-dim tensors) as ints: one device sync (and one collective).
+
+    ``reduce`` sums the stacked counts over ranks (FSDP2 shards).
+    """
+    if not counts:
+        return []
+    if reduce is None and len({c.device for c in counts}) > 1:
+        return [int(c) for c in counts]  # a model over several devices
+    stacked = torch.stack([c.long() for c in counts])
+    if reduce is not None:
+        stacked = reduce(stacked)
+    return [int(v) for v in stacked.tolist()]

@@ -1428,8 +1428,8 @@ class Sparsifier:
         * ``sparsity/itop`` (after :meth:`track_itop`): the share of the
           masked weights active at some point so far.
 
-        Reading them costs a device sync per masked tensor; recording them at
-        each update costs none.
+        Recorded at each update (one device sync); reading them costs
+        nothing on the device.
 
         Args:
             per_tensor: also ``sparsity/mask_change/<tensor_fqn>`` and
