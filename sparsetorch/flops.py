@@ -16,7 +16,8 @@ RigL                      :math:`3 f_S`, and :math:`2 f_S + f_D` in the backward
                           update interval :math:`\Delta T` is
                           :math:`(3 f_S \Delta T + 2 f_S + f_D) / (\Delta T + 1)`,
                           counting the dense-gradient pass as one more step)
-SNFS                      :math:`2 f_S + f_D` (a dense gradient at every step)
+SNFS                      :math:`2 f_S + f_D` (a dense gradient at every step
+                          until the last update), :math:`3 f_S` after
 GMP                       :math:`3 f_S(t)`, :math:`f_S(t)` following the density
                           schedule from dense
 ========================  ======================================================
