@@ -76,6 +76,17 @@ class MaskMetrics:
 
     Args:
         masks: ``tensor_fqn -> mask``, the live masks.
+
+    Example::
+
+        >>> old = {"w": torch.tensor([True, True, False, False])}
+        >>> metrics = MaskMetrics(old)
+        >>> metrics.track_itop(old)
+        >>> metrics.record(100, old, {"w": torch.tensor([True, False, True, False])})
+        >>> metrics.total_mask_change(), metrics.total_itop()
+        (0.5, 0.75)
+        >>> metrics.history
+        [MaskUpdate(step=100, grown=1, active=2, ever_active=3, numel=4)]
     """
 
     def __init__(self, masks: Mapping[str, Tensor]) -> None:
