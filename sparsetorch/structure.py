@@ -392,9 +392,31 @@ def _nm(layout: Layout) -> NM:
 def _group_top(scores: Tensor, need: Tensor, generator: torch.Generator) -> Tensor:
     """Per row of ``scores`` ``(G, S)``, its ``need[g]`` highest entries (bool).
 
-    Ties fall by a random key per entry drawn from ``generator`` (a stable
-    sort by score over a random order), never by position.
+    One ``topk`` of the largest need finds them; a row whose cut falls inside
+    a run of equal scores draws among them instead: its entries are ordered by
+    a random key from ``generator`` and then (stably) by score, so ties never
+    fall to position.
     """
+    g, s = scores.shape
+    chosen = torch.zeros(g, s, dtype=torch.bool)
+    most = int(need.max()) if g else 0
+    if most <= 0:
+        return chosen
+    listed = min(s, most + 1)
+    values, order = scores.topk(listed, dim=1)  # (G, listed), descending
+    take = torch.arange(listed).expand(g, listed) < need.unsqueeze(1)
+    chosen.scatter_(1, order, take)
+    inside = (need > 0) & (need < listed)
+    cut = need.clamp(1, listed - 1).unsqueeze(1)
+    tied = inside & (values.gather(1, cut - 1) == values.gather(1, cut)).squeeze(1)
+    rows = tied.nonzero().flatten()
+    if rows.numel():
+        chosen[rows] = _drawn_top(scores[rows], need[rows], generator)
+    return chosen
+
+
+def _drawn_top(scores: Tensor, need: Tensor, generator: torch.Generator) -> Tensor:
+    """:func:`_group_top` by a full sort, ties ordered by random keys."""
     g, s = scores.shape
     order = torch.rand(g, s, generator=generator).argsort(dim=1)
     by_score = scores.gather(1, order).argsort(dim=1, descending=True, stable=True)

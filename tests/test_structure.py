@@ -312,6 +312,29 @@ def test_rigl_update_of_a_constant_fan_in_layer_matches_the_definition() -> None
     assert not torch.equal(new, mask)
 
 
+def test_ties_at_a_group_cut_are_drawn_with_the_generator_not_by_position() -> None:
+    rows, cols, k = 8, 16, 4
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    mask[:, :k] = True
+    w = torch.arange(1.0, 1.0 + rows * cols).view(rows, cols) * mask
+    grad = torch.zeros(rows, cols)  # every candidate ties
+    layout = Layout(ConstantFanIn(), False, rows, cols, fan_in=k, ablate=False)
+
+    def update(seed: int) -> Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return update_structured(RigL(), w, mask, grad, 16, g, layout)
+
+    first, again, other = update(0), update(0), update(1)
+    assert torch.equal(first, again)  # the generator decides
+    assert not torch.equal(first, other)
+    for new in (first, other):
+        assert check_mask(new, layout)
+        kept = new & mask  # the 16 smallest |w| (rows 0-3) were dropped
+        assert torch.equal(kept[4:], mask[4:])
+    grown = first[:4] & ~mask[:4]
+    assert not torch.equal(grown, (~mask[:4]).cumsum(1).le(4) & ~mask[:4])
+
+
 def reference_ablation(
     w: Tensor, g: Tensor, mask: Tensor, n_drop: int, gamma: float, k0: int
 ) -> list[list[bool]]:
