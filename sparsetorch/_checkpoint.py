@@ -29,7 +29,7 @@ from torch import Tensor
 __all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "decode_mask", "encode_mask"]
 
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)  # 3: the DCP layout (Sparsifier.state_dict(sharded=True))
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 _SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)

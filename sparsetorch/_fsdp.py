@@ -312,14 +312,19 @@ def update_sharded(
         drop = policy.drop_score(weight, mask).flatten()[active]
     _check_finite_everywhere(drop, None, "drop", name, shard)
     kept = active[top_sharded(drop, n_active - n_drop, generator, shard)]
-    with _random_scores_for(shard):
-        grow = policy.grow_score(weight, mask, grad, generator).flatten()
-    if not grow.is_floating_point() or base._shares_memory(grow, weight, mask, grad):
-        grow = grow.float() if not grow.is_floating_point() else grow.clone()
-    _check_finite_everywhere(grow, kept, "grow", name, shard)
-    grown = top_sharded(
-        grow.index_fill_(0, kept, float("-inf")), n_grow, generator, shard
-    )
+    if n_grow == 0:  # pruning only (GMP): no growth scores, as unsharded
+        grown = kept.new_empty(0)
+    else:
+        with _random_scores_for(shard):
+            grow = policy.grow_score(weight, mask, grad, generator).flatten()
+        if not grow.is_floating_point() or base._shares_memory(
+            grow, weight, mask, grad
+        ):
+            grow = grow.float() if not grow.is_floating_point() else grow.clone()
+        _check_finite_everywhere(grow, kept, "grow", name, shard)
+        grown = top_sharded(
+            grow.index_fill_(0, kept, float("-inf")), n_grow, generator, shard
+        )
     new = torch.zeros_like(flat)
     new.index_fill_(0, kept, True)
     new.index_fill_(0, grown, True)

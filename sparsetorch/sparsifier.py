@@ -1062,10 +1062,6 @@ class Sparsifier:
         targets = _stored_counts(state_dict, self.topology.final_targets, mine)
         signals, pruned = _stored_policy_state(state_dict, self.topology.params)
         layouts = self.topology.layouts
-        for fqn, layout in layouts.items():
-            entry = masks[fqn]
-            if layout.ablate and isinstance(entry, Mapping) and "active" in entry:
-                targets[fqn] = entry["active"]  # rows ablated: checked below
         params = self.topology.params
         if self.sharded and from_dcp:
             loaded = dict(masks)  # this rank's rows, checked over all ranks
@@ -1096,9 +1092,6 @@ class Sparsifier:
         self.topology.set_targets(targets)
         self.signals = signals
         self.pruned_at_init = pruned
-        self.topology.set_targets(
-            {fqn: targets[fqn] for fqn, lay in layouts.items() if lay.ablate}
-        )
         self.apply_masks()
         self.generator.set_state(generator_state)
         self.step_count = counts["step"]
@@ -1609,7 +1602,7 @@ def _check_version(state_dict: Mapping[str, Any]) -> int:
             f"(keys: {sorted(map(str, state_dict))}).\n{hint}"
         )
     version = state_dict["format_version"]
-    if isinstance(version, int) and version > FORMAT_VERSION:
+    if isinstance(version, int) and version > max(READABLE_VERSIONS):
         raise ValueError(
             f"The sparsifier checkpoint has format_version {version}, newer than "
             f"this sparsetorch reads (versions {list(READABLE_VERSIONS)}).\n"

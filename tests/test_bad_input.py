@@ -553,11 +553,11 @@ def test_checkpoint_with_other_shapes_under_the_same_names() -> None:
 
 def test_future_format_version() -> None:
     state = checkpoint()
-    state["format_version"] = 3
+    state["format_version"] = 4
     assert_expected_inline(
         load_fails(state, ValueError),
         """\
-The sparsifier checkpoint has format_version 3, newer than this sparsetorch reads (versions [1, 2]).
+The sparsifier checkpoint has format_version 4, newer than this sparsetorch reads (versions [1, 2, 3]).
 Upgrade sparsetorch to load it.""",
     )
 
@@ -577,7 +577,7 @@ def test_unknown_format_version_message() -> None:
     state["format_version"] = "v2"
     assert_expected_inline(
         load_fails(state, ValueError),
-        """Unknown sparsifier checkpoint format_version 'v2'; this sparsetorch reads versions [1, 2].""",
+        """Unknown sparsifier checkpoint format_version 'v2'; this sparsetorch reads versions [1, 2, 3].""",
     )
 
 
