@@ -563,6 +563,26 @@ The checkpoint was made with another structure, or the mask was edited.""",
     assert torch.equal(sparsifier.masks["0.weight"], before)
 
 
+def test_a_checkpoint_with_ablated_units_restores_their_counts() -> None:
+    model, sparsifier = trained_fan_in_model(ablation=0.9)
+    targets = sparsifier.topology.targets
+    layouts = sparsifier.topology.layouts
+    assert targets["2.weight"] < layouts["2.weight"].count  # 14 of 24 units, 8 each
+    fresh_model = mlp(32, 48, 24, 10)
+    fresh = st.sparsify(
+        fresh_model,
+        structure=ConstantFanIn(ablation=0.9),
+        sparsity=0.9,
+        total_steps=40,
+        update_interval=4,
+    )
+    fresh_model.load_state_dict(model.state_dict())
+    fresh.load_state_dict(sparsifier.state_dict())
+    assert fresh.topology.targets == targets
+    assert same(fresh.masks, sparsifier.masks)
+    assert same(fresh.state_dict(), sparsifier.state_dict())
+
+
 # -- remove, export and the condensed layout --------------------------------------------
 
 
