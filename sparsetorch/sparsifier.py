@@ -32,7 +32,11 @@ from sparsetorch.parametrization import _mask_, local
 from sparsetorch.policies.base import CountContext, Policy, _top, _update_mask
 from sparsetorch.policies.snip import SNIP
 from sparsetorch.schedule import Schedule
-from sparsetorch.structure import check_loaded_mask, structure_settings
+from sparsetorch.structure import (
+    check_loaded_mask,
+    structure_notes,
+    structure_settings,
+)
 from sparsetorch.topology import Topology
 
 __all__ = ["Sparsifier"]
@@ -1157,6 +1161,8 @@ class Sparsifier:
 
     def _sync_sharding(self) -> None:
         """Follow ``fully_shard`` (FSDP2): shard the masks like their weights."""
+        if not self.sharded and not torch.distributed.is_initialized():
+            return  # (no process group: nothing can shard; this runs every step)
         if _fsdp.adopt_sharding(self.topology, self._stash) and not self.sharded:
             if self.topology.layouts:
                 raise RuntimeError(
@@ -1511,6 +1517,9 @@ class Sparsifier:
                 f"  {active:>9}  {numel:>9}"
             )
         lines += [f"skipped: {fqn} ({why}, dense)" for fqn, why in self.skipped.items()]
+        lines += structure_notes(
+            self.topology.structure, self.topology.layouts, self.masks
+        )
         lines += [
             f"not updated: {fqn} sat out {n} update(s) (no gradient, or frozen)"
             for fqn, n in self.missed_updates.items()

@@ -585,3 +585,35 @@ def check_loaded_mask(fqn: str, mask: Tensor, layout: Layout) -> None:
             f"{layout.structure!r} (see sparsetorch.structure.check_mask).\nThe "
             "checkpoint was made with another structure, or the mask was edited."
         )
+
+
+def structure_notes(
+    structure: Structure | None,
+    layouts: Mapping[str, Layout],
+    masks: Mapping[str, Tensor],
+) -> list[str]:
+    """The summary's lines on the structure: which, and the units ablated.
+
+    Example::
+
+        >>> lay = Layout(ConstantFanIn(ablation=0.3), False, 3, 4, 2, ablate=True)
+        >>> mask = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [0, 1, 1, 1]]).bool()
+        >>> for line in structure_notes(lay.structure, {"w": lay}, {"w": mask}):
+        ...     print(line)
+        structure: ConstantFanIn(ablation=0.3)
+        ablated: w 1 of 3 units (3 of 4 inputs each)
+    """
+    if structure is None:
+        return []
+    lines = [f"structure: {structure!r}"]
+    for fqn, layout in layouts.items():
+        if not layout.ablate:
+            continue
+        per_row = layout.to_rows(masks[fqn]).sum(1)
+        alive = int((per_row > 0).sum())
+        if alive < layout.rows:
+            lines.append(
+                f"ablated: {fqn} {layout.rows - alive} of {layout.rows} units "
+                f"({int(per_row.max())} of {layout.cols} inputs each)"
+            )
+    return lines

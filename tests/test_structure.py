@@ -192,7 +192,8 @@ tensor    shape         target  actual     active      numel
 0.weight  (8, 3, 3, 3)  0.9284  0.9259         16        216
 2.weight  (10, 128)     0.9020  0.8984        130       1280
 3.weight  (5, 10)       0.7272  0.7000         15         50
-total                   0.9000  0.8959        161       1546""",
+total                   0.9000  0.8959        161       1546
+structure: ConstantFanIn(ablation=0.0)""",
     )
 
 
@@ -581,6 +582,18 @@ def test_a_checkpoint_with_ablated_units_restores_their_counts() -> None:
     assert fresh.topology.targets == targets
     assert same(fresh.masks, sparsifier.masks)
     assert same(fresh.state_dict(), sparsifier.state_dict())
+    notes = [
+        line
+        for line in fresh.summary().splitlines()
+        if line.startswith(("structure", "ablated"))
+    ]
+    assert_expected_inline(
+        "\n".join(notes),
+        """\
+structure: ConstantFanIn(ablation=0.9)
+ablated: 0.weight 12 of 48 units (4 of 32 inputs each)
+ablated: 2.weight 10 of 24 units (8 of 48 inputs each)""",
+    )
 
 
 # -- remove, export and the condensed layout --------------------------------------------
