@@ -549,15 +549,38 @@ def check_policy(structure: Structure | None, policy: Policy) -> None:
     """Raise ``ValueError`` if ``policy`` cannot keep ``structure``.
 
     A structure keeps a fixed quota per group, so it works with the policies
-    whose updates drop as many weights as they grow in each tensor (RigL, SET,
-    static, and any policy that only scores drops and grows). SNFS and GMP,
+    whose updates drop as many weights as they grow in each tensor and start
+    from the allocated counts (RigL, SET, static, and any policy that only
+    scores drops and grows). A policy that overrides how counts move
+    (:meth:`~sparsetorch.policies.Policy.update_counts`,
+    ``active_counts_at`` or ``initial_sparsities``) is refused: SNFS and GMP,
     which move counts between tensors or over time, and SNIP, whose one-shot
-    selection is not structured (yet), are refused.
+    selection starts dense and is not structured (yet).
+
+    Example::
+
+        >>> from sparsetorch.policies import GMP, RigL
+        >>> check_policy(NM(2, 4), RigL())
+        >>> check_policy(NM(2, 4), GMP())  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: policy GMP cannot keep structure=NM(n=2, m=4): it prunes ...
     """
     if structure is None:
         return
-    name = type(policy).__name__
+    cls = type(policy)
+    name = cls.__name__
+    moved = [
+        hook
+        for hook in ("update_counts", "active_counts_at", "initial_sparsities")
+        if getattr(cls, hook) is not getattr(Policy, hook)
+    ]
     reason = _REFUSED.get(name)
+    if reason is None and moved:
+        reason = (
+            f"it overrides {', '.join(moved)}, so its counts need not be the "
+            "multiples of rows or groups a structure holds."
+        )
     if reason is not None:
         raise ValueError(
             f"policy {name} cannot keep structure={structure!r}: {reason}\nUse "

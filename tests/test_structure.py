@@ -139,11 +139,24 @@ Leave it dense: exclude=['0.weight'], or sparsify it without structure=.""",
     )
 
 
+def test_a_policy_of_ones_own_that_moves_counts_is_refused() -> None:
+    class Shrinking(RigL):
+        def update_counts(self, context: Any) -> dict[str, tuple[int, int]]:
+            return {fqn: (2, 1) for fqn in context.masks}
+
+    with pytest.raises(ValueError) as info:
+        st.sparsify(mlp(8, 4), structure="2:4", policy=Shrinking(), end_step=5)
+    assert_expected_inline(
+        str(info.value),
+        """\
+policy Shrinking cannot keep structure=NM(n=2, m=4): it overrides update_counts, so its counts need not be the multiples of rows or groups a structure holds.
+Use policy='rigl', 'set' or 'static' with a structure, or Shrinking without one.""",
+    )
+
+
 def test_count_changing_policies_are_refused() -> None:
     policies = st.policies.POLICIES
     for name in ("gmp", "snfs", "snip"):
-        if name not in policies:  # H-policies' policies, landing separately
-            continue
         with pytest.raises(ValueError, match=f"policy {policies[name].__name__}"):
             st.sparsify(mlp(8, 4), structure="constant-fan-in", policy=name, end_step=5)
 
