@@ -47,10 +47,16 @@ def render_markdown(
         f"- Command: `{meta.get('command', '?')}`",
         f"- Machine: {meta.get('machine', '?')}",
         f"- sparsetorch: {meta.get('sparsetorch', 'version not recorded')}",
-        f"- Wall time: {meta.get('wall_time_s', 0) / 60:.1f} min for "
-        f"{len(results)} runs, {meta.get('jobs', 1)} at a time "
-        f"({meta.get('date', '')}); the machine was shared with other work, so "
-        "wall times are indicative",
+        f"- Wall time: {meta.get('wall_time_s', 0) / 60:.1f} min for the "
+        f"{len(results) - meta.get('resumed_runs', 0)} runs this command trained, "
+        f"{meta.get('jobs', 1)} at a time ({meta.get('date', '')})"
+        + (
+            f"; {meta['resumed_runs']} more were kept from an earlier command's "
+            "journal (`--resume`)"
+            if meta.get("resumed_runs")
+            else ""
+        )
+        + "; the machine was shared with other work, so wall times are indicative",
         f"- Data: {meta.get('n_train', '?')} training examples, evaluated on "
         f"{meta.get('n_eval', '?')} {meta.get('evaluated_on', 'test')} examples",
     ]
