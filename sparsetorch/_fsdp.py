@@ -118,7 +118,10 @@ def adopt_sharding(topology: Topology, stash: Stash | None = None) -> bool:
     sharded = False
     plain = []
     for fqn, entry in entries.items():
-        param = entry.param
+        # (``entry.param`` by dict lookups: this runs before every optimizer step)
+        plists = entry.module._modules["parametrizations"]
+        plist = plists._modules[entry.tensor_name]  # type: ignore[union-attr]
+        param = plist._parameters["original"]  # type: ignore[union-attr]
         p = entry.parametrization
         if not isinstance(param, module.DTensor):
             plain.append(fqn)

@@ -223,8 +223,7 @@ class SizeRecorder:
         self.stop()
         model = self.model
         self._handles = [
-            model.register_forward_pre_hook(self._before, with_kwargs=True),
-            model.register_forward_hook(self._after, with_kwargs=True),
+            model.register_forward_pre_hook(self._before, with_kwargs=True)
         ]
         self.weights = {}
         inside_attention = {
@@ -240,6 +239,9 @@ class SizeRecorder:
                 self.weights[_join(module_fqn, name)] = (module_fqn, name, kind)
             hook = functools.partial(self._layer, module_fqn)
             self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        # Last: when the model is itself a layer, its layer hook runs first (the
+        # root's hook unhooks everything, which must not cut the hooks running).
+        self._handles.append(model.register_forward_hook(self._after, with_kwargs=True))
 
     def stop(self) -> None:
         """Remove the hooks."""
