@@ -398,13 +398,14 @@ def _group_top(scores: Tensor, need: Tensor, generator: torch.Generator) -> Tens
     fall to position.
     """
     g, s = scores.shape
-    chosen = torch.zeros(g, s, dtype=torch.bool)
+    device = scores.device
+    chosen = torch.zeros(g, s, dtype=torch.bool, device=device)
     most = int(need.max()) if g else 0
     if most <= 0:
         return chosen
     listed = min(s, most + 1)
     values, order = scores.topk(listed, dim=1)  # (G, listed), descending
-    take = torch.arange(listed).expand(g, listed) < need.unsqueeze(1)
+    take = torch.arange(listed, device=device).expand(g, listed) < need.unsqueeze(1)
     chosen.scatter_(1, order, take)
     inside = (need > 0) & (need < listed)
     cut = need.clamp(1, listed - 1).unsqueeze(1)
@@ -418,10 +419,11 @@ def _group_top(scores: Tensor, need: Tensor, generator: torch.Generator) -> Tens
 def _drawn_top(scores: Tensor, need: Tensor, generator: torch.Generator) -> Tensor:
     """:func:`_group_top` by a full sort, ties ordered by random keys."""
     g, s = scores.shape
-    order = torch.rand(g, s, generator=generator).argsort(dim=1)
+    keys = torch.rand(g, s, generator=generator).to(scores.device)
+    order = keys.argsort(dim=1)
     by_score = scores.gather(1, order).argsort(dim=1, descending=True, stable=True)
     order = order.gather(1, by_score)
-    take = torch.arange(s).expand(g, s) < need.unsqueeze(1)
+    take = torch.arange(s, device=scores.device).expand(g, s) < need.unsqueeze(1)
     chosen = torch.zeros_like(take)
     return chosen.scatter_(1, order, take)
 
@@ -445,13 +447,13 @@ def update_structured(
     """
     name = type(policy).__name__
     device = mask.device
-    rows_mask = layout.to_rows(mask).reshape(-1).cpu()
+    rows_mask = layout.to_rows(mask).reshape(-1)
     active = _nonzero(rows_mask.contiguous())
     if type(policy).drop_score is Policy.drop_score:
         drop_all = weight.detach().abs()
     else:
         drop_all = policy.drop_score(weight, mask)
-    drop_rows = layout.to_rows(drop_all).reshape(-1).cpu().contiguous()
+    drop_rows = layout.to_rows(drop_all).reshape(-1).contiguous()
     drop = drop_rows[active]
     _check_finite(drop, "drop", name)
     n_keep = active.numel() - n_drop
@@ -465,10 +467,10 @@ def update_structured(
             if not grow_scores.is_floating_point()
             else (grow_scores.clone())
         )
-    grow = layout.to_rows(grow_scores).reshape(-1).cpu().contiguous().clone()
+    grow = layout.to_rows(grow_scores).reshape(-1).contiguous().clone()
     _check_finite(grow, "grow", name, skip=kept)
     rows, cols = layout.rows, layout.cols
-    is_kept = torch.zeros(rows * cols, dtype=torch.bool)
+    is_kept = torch.zeros(rows * cols, dtype=torch.bool, device=device)
     is_kept[kept] = True
     if layout.ablate:
         is_kept, quota = _ablate(
@@ -477,14 +479,14 @@ def update_structured(
     else:
         size = layout.structure.group_size(cols)
         per_group = layout.fan_in if size == cols else _nm(layout).n
-        quota = torch.full((rows * cols // size,), per_group)
+        quota = torch.full((rows * cols // size,), per_group, device=device)
     size = is_kept.numel() // quota.numel()
     groups_kept = is_kept.view(-1, size)
     need = quota - groups_kept.sum(1)
     grow.masked_fill_(is_kept, float("-inf"))
     grown = _group_top(grow.view(-1, size), need, generator)
     new = (groups_kept | grown).reshape(rows, cols)
-    return layout.from_rows(new, mask.shape).to(device)
+    return layout.from_rows(new, mask.shape)
 
 
 def _ablate(
@@ -514,14 +516,18 @@ def _ablate(
     fewest = -(-layout.count // cols)  # ceil: k must fit in a row
     if int(alive.sum()) < fewest:
         alive = _group_top(
-            counts.view(1, rows).double(), torch.tensor([fewest]), generator
+            counts.view(1, rows).double(),
+            torch.tensor([fewest], device=counts.device),
+            generator,
         ).view(rows)
     k = layout.count // int(alive.sum())
     quota = torch.where(alive, k, 0)
     is_kept = is_kept.view(rows, cols) & alive.unsqueeze(1)
     over = is_kept.sum(1) > quota
     if bool(over.any()):
-        scores = torch.full((rows * cols,), float("-inf"), dtype=torch.float64)
+        scores = torch.full(
+            (rows * cols,), float("-inf"), dtype=torch.float64, device=drop.device
+        )
         scores[kept] = drop[kept].double()
         scores = scores.view(rows, cols).masked_fill(~is_kept, float("-inf"))
         is_kept = torch.where(

@@ -41,6 +41,7 @@ from sparsetorch.structure import (
     ConstantFanIn,
     Layout,
     check_mask,
+    initial_mask,
     make_structure,
     update_structured,
 )
@@ -676,6 +677,35 @@ def test_condensed_layer_keeps_masked_weights_that_are_zero() -> None:
     )
     x = torch.randn(2, 5, 4)
     torch.testing.assert_close(layer(x), F.linear(x, w))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_structured_updates_on_cuda_equal_the_cpu_ones() -> None:
+    g = torch.Generator().manual_seed(2)
+    rows, cols = 64, 96
+    for structure, fan_in in ((NM(2, 4), 48), (ConstantFanIn(), 12)):
+        for ablate in (False, True) if fan_in == 12 else (False,):
+            if ablate:
+                structure = ConstantFanIn(ablation=0.75)
+            layout = Layout(structure, False, rows, cols, fan_in, ablate=ablate)
+            mask = initial_mask(layout, torch.Size((rows, cols)), g)
+            w = torch.randn(rows, cols, generator=g) * mask
+            grad = torch.randn(rows, cols, generator=g)
+            cpu = update_structured(
+                RigL(), w, mask, grad, 300, torch.Generator(), layout
+            )
+            cuda = update_structured(
+                RigL(),
+                w.cuda(),
+                mask.cuda(),
+                grad.cuda(),
+                300,
+                torch.Generator(),
+                layout,
+            )
+            assert cuda.device.type == "cuda"
+            assert torch.equal(cuda.cpu(), cpu), (structure, ablate)
 
 
 @pytest.mark.cuda
