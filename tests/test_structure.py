@@ -441,6 +441,7 @@ def structured_model(kind: str, widths: tuple[int, ...], seed: int) -> nn.Module
     update_interval=hs.integers(1, 3),
     save_at=hs.integers(1, 6),
     seed=hs.integers(0, 2**16),
+    load_order=hs.permutations(["model", "optimizer", "sparsity"]),
 )
 def test_every_update_keeps_the_structure_counts_and_zeros_and_resumes_exactly(
     kind: str,
@@ -455,6 +456,7 @@ def test_every_update_keeps_the_structure_counts_and_zeros_and_resumes_exactly(
     update_interval: int,
     save_at: int,
     seed: int,
+    load_order: list[str],
 ) -> None:
     chosen, fixed = STRUCTURES[structure]
     widths = tuple(4 * u for u in units[: depth + 1])  # whole 4-groups per row
@@ -518,9 +520,13 @@ def test_every_update_keeps_the_structure_counts_and_zeros_and_resumes_exactly(
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
     resumed, resumed_opt, resumed_sparsifier = build(seed + 1)
-    resumed.load_state_dict(saved["model"])
-    resumed_opt.load_state_dict(saved["optimizer"])
-    resumed_sparsifier.load_state_dict(saved["sparsity"])
+    loaders = {
+        "model": resumed.load_state_dict,
+        "optimizer": resumed_opt.load_state_dict,
+        "sparsity": resumed_sparsifier.load_state_dict,
+    }
+    for name in load_order:  # any order before the next step
+        loaders[name](saved[name])
     train(resumed, resumed_opt, resumed_sparsifier, range(save_at + 1, total + 1))
     assert same(resumed.state_dict(), model.state_dict())
     assert same(resumed_opt.state_dict(), opt.state_dict())
