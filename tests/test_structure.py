@@ -35,6 +35,7 @@ from torch.nn import functional as F
 import sparsetorch as st
 from sparsetorch._checkpoint import encode_mask
 from sparsetorch.condensed import CondensedLinear
+from sparsetorch.execution import SparseLinear
 from sparsetorch.policies import RigL
 from sparsetorch.structure import (
     NM,
@@ -643,6 +644,12 @@ def test_remove_keeps_the_structure() -> None:
     model, sparsifier = trained_fan_in_model()
     masks = {fqn: m.clone() for fqn, m in sparsifier.masks.items()}
     layouts = sparsifier.topology.layouts
+    csr = st.export_sparse(model, execution="sparse")  # nonzeros only: within
+    for fqn, mask in masks.items():
+        layer = csr.get_submodule(fqn.removesuffix(".weight"))
+        assert isinstance(layer, SparseLinear)
+        pattern = layer.weight.to_dense() != 0
+        assert not bool((pattern & ~mask).any()), fqn
     sparsifier.remove()
     for fqn, mask in masks.items():
         weight = model.get_parameter(fqn)
