@@ -84,17 +84,19 @@ __all__ = [
     "Layout",
     "Structure",
     "check_mask",
+    "initial_mask",
     "make_structure",
+    "update_structured",
 ]
-
-#: Policies whose updates keep each tensor's count (drop as many as they grow),
-#: so a structure's quotas hold. Others are refused with a structure.
-SUPPORTED_POLICIES = ("RigL", "SET", "Static")
 
 
 @dataclass(frozen=True)
 class Structure:
-    """Base class of mask structures (see the module docstring)."""
+    """Base class of mask structures (see the module docstring).
+
+    sparsetorch selects within :class:`NM` and :class:`ConstantFanIn`; other
+    subclasses are refused by :func:`make_structure`.
+    """
 
     def fan_in(self, cols: int, sparsity: float) -> int:
         """Active weights per row of a tensor with ``cols`` columns.
@@ -235,15 +237,21 @@ def make_structure(structure: str | Structure | None) -> Structure | None:
 
     Raises:
         ValueError: an unknown or malformed name.
-        TypeError: neither ``None``, a string nor a :class:`Structure`.
+        TypeError: neither ``None``, a string, :class:`NM` nor :class:`ConstantFanIn`.
 
     Example::
 
         >>> make_structure("1:8"), make_structure("constant-fan-in")
         (NM(n=1, m=8), ConstantFanIn(ablation=0.0))
     """
-    if structure is None or isinstance(structure, Structure):
+    if structure is None or isinstance(structure, (NM, ConstantFanIn)):
         return structure
+    if isinstance(structure, Structure):
+        raise TypeError(
+            f"sparsetorch selects masks within NM and ConstantFanIn only, got "
+            f"{type(structure).__name__}.\nPass NM(n, m), ConstantFanIn(...), or "
+            "a name ('2:4', 'constant-fan-in')."
+        )
     if not isinstance(structure, str):
         raise TypeError(
             "structure must be None, a name or a sparsetorch.structure.Structure, "

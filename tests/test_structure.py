@@ -70,6 +70,8 @@ Known structures: 'N:M' (e.g. '2:4'), 'constant-fan-in', or a Structure object (
     )
     with pytest.raises(TypeError, match="structure must be None, a name"):
         make_structure(4)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="within NM and ConstantFanIn only"):
+        make_structure(st.Structure())
 
 
 def test_bad_structure_values_are_refused() -> None:
