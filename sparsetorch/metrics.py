@@ -103,15 +103,19 @@ class MaskMetrics:
 
     # -- recording ----------------------------------------------------------------
 
-    def track_itop(self, masks: Mapping[str, Tensor]) -> None:
+    def track_itop(
+        self,
+        masks: Mapping[str, Tensor],
+        reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
         """Start the union of masks from ``masks`` (no-op if already tracking)."""
         if self.ever is None:
             self.ever = {fqn: mask.detach().clone() for fqn, mask in masks.items()}
-            self._count_ever()
+            self._count_ever(reduce)
 
-    def _count_ever(self) -> None:
+    def _count_ever(self, reduce: Callable[[Tensor], Tensor] | None) -> None:
         ever = self.ever or {}
-        counts = _ints([union.sum() for union in ever.values()], None)
+        counts = _ints([union.sum() for union in ever.values()], reduce)
         self._ever_counts = dict(zip(ever, counts, strict=True))
 
     @torch.no_grad()
@@ -259,12 +263,16 @@ class MaskMetrics:
         return {"history": history, "last": dict(last), "ever": decoded}
 
     def load_checked(
-        self, state: Mapping[str, Any] | None, masks: Mapping[str, Tensor]
+        self,
+        state: Mapping[str, Any] | None,
+        masks: Mapping[str, Tensor],
+        reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         """Restore what :meth:`check_state` returned (``None``: an old checkpoint).
 
         A checkpoint without ITOP masks restarts the union from ``masks`` when
-        ITOP is tracked; one with them turns tracking on.
+        ITOP is tracked; one with them turns tracking on. ``reduce``: as in
+        :meth:`record` (``masks`` are then this rank's shards).
         """
         if state is None:
             self._history, self._last = [], {}
@@ -281,7 +289,7 @@ class MaskMetrics:
             }
         elif self.ever is not None:
             self.ever = {f: m.detach().clone() for f, m in masks.items()}
-        self._count_ever()
+        self._count_ever(reduce)
 
 
 def _ints(counts: list[Tensor], reduce: Callable[[Tensor], Tensor] | None) -> list[int]:

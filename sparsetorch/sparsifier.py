@@ -726,7 +726,7 @@ class Sparsifier:
                 self.step_count,
                 {fqn: local(m) for fqn, m in self.masks.items()},
                 new_masks,
-                reduce=_fsdp.sum_over_ranks,
+                reduce=self._over_ranks(),
             )
         else:
             self._mask_metrics.record(self.step_count, self.masks, new_masks)
@@ -1101,7 +1101,9 @@ class Sparsifier:
         self.step_count = counts["step"]
         self.update_count = counts["updates"]
         self._mask_metrics.load_checked(
-            metrics, {fqn: local(m) for fqn, m in self.masks.items()}
+            metrics,
+            {fqn: local(m) for fqn, m in self.masks.items()},
+            self._over_ranks(),
         )
         self._counted_by_hand = False  # a restored count, not one counted here
         self._arm()
@@ -1158,6 +1160,10 @@ class Sparsifier:
                 "into a plain model).\nTo train sparse again, call sparsify() anew."
             )
         self._sync_sharding()
+
+    def _over_ranks(self) -> Any:
+        """Sums counts of mask shards over the ranks (FSDP2), else ``None``."""
+        return _fsdp.sum_over_ranks if self.sharded else None
 
     def _sync_sharding(self) -> None:
         """Follow ``fully_shard`` (FSDP2): shard the masks like their weights."""
@@ -1231,7 +1237,7 @@ class Sparsifier:
         if self.sharded and execution != "mask":
             raise RuntimeError(
                 f"execution={execution!r} computes with compressed whole weights, "
-                "which FSDP2 shards: under fully_shard only \"mask\" runs."
+                'which FSDP2 shards: under fully_shard only "mask" runs.'
             )
         set_execution(self.topology, execution)
         self.execution = execution
@@ -1414,7 +1420,9 @@ class Sparsifier:
             0.25
         """
         self._check_live()
-        self._mask_metrics.track_itop({fqn: local(m) for fqn, m in self.masks.items()})
+        self._mask_metrics.track_itop(
+            {fqn: local(m) for fqn, m in self.masks.items()}, self._over_ranks()
+        )
 
     def metrics(self, *, per_tensor: bool = False) -> dict[str, float]:
         """Scalars for a logger: sparsity, mask change, updates, ITOP rate.

@@ -9,6 +9,7 @@ shards and optimizer state shards must be zero outside the mask shards.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -87,6 +88,7 @@ def train(
     model: nn.Module | None = None,
     sparsifier: st.Sparsifier | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    itop: bool = False,
 ) -> tuple[nn.Module, st.Sparsifier, torch.optim.Optimizer, list[int]]:
     """Train (or continue) one run; return it and the nonzeros outside per step."""
     if model is None:
@@ -103,6 +105,8 @@ def train(
             (setup or shard)(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
         sparsifier.attach_optimizer(optimizer)
+        if itop:  # on the shards' masks
+            sparsifier.track_itop()
     assert sparsifier is not None and optimizer is not None
     leaks = []
     for step in steps:
@@ -120,11 +124,13 @@ def gathered(sparsifier: st.Sparsifier) -> dict[str, Any]:
         "masks": {fqn: full(m) for fqn, m in sparsifier.masks.items()},
         "weights": {fqn: full(p) for fqn, p in sparsifier.topology.params.items()},
         "updates": sparsifier.update_count,
+        "metrics": sparsifier.metrics(per_tensor=True),
+        "history": [dataclasses.astuple(u) for u in sparsifier.mask_history],
     }
 
 
 SCENARIOS: dict[str, dict[str, Any]] = {
-    "rigl": {"policy": "rigl"},
+    "rigl": {"policy": "rigl", "itop": True},
     "set": {"policy": "set"},
     "gmp": {"policy": "gmp"},  # dense to sparse: counts fall at every update
     # FSDP adds each micro-batch's reduce-scattered gradient to the shard: the
@@ -166,6 +172,9 @@ def test_masks_are_identical_to_one_process_at_any_world_size(
             got = result[name]
             assert got["leaks"] == [0] * STEPS, name  # zeros outside, every step
             assert got["updates"] == expected["updates"] == 4, name
+            # Mask change and ITOP: counted on shards, summed over the ranks.
+            assert got["metrics"] == expected["metrics"], name
+            assert got["history"] == expected["history"], name
             for fqn, mask in expected["masks"].items():
                 assert torch.equal(got["masks"][fqn], mask), (name, fqn)
                 torch.testing.assert_close(
