@@ -34,6 +34,7 @@ from sparsetorch.policies.snip import SNIP
 from sparsetorch.schedule import Schedule
 from sparsetorch.structure import (
     check_loaded_mask,
+    select_top,
     structure_notes,
     structure_settings,
 )
@@ -587,7 +588,13 @@ class Sparsifier:
                 start += score.numel()
                 new_masks[fqn] = part.view_as(masks[fqn]).to(masks[fqn].device)
         else:
+            layouts = self.topology.layouts
             for fqn, score in scores.items():
+                if fqn in layouts:  # each group's quota of highest scores
+                    new_masks[fqn] = select_top(
+                        score.view_as(masks[fqn]), layouts[fqn], self.generator
+                    )
+                    continue
                 new = torch.zeros_like(score, dtype=torch.bool)
                 new[_top(score, targets[fqn], self.generator)] = True
                 new_masks[fqn] = new.view_as(masks[fqn])

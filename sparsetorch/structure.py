@@ -86,6 +86,7 @@ __all__ = [
     "check_mask",
     "initial_mask",
     "make_structure",
+    "select_top",
     "update_structured",
 ]
 
@@ -392,6 +393,27 @@ def initial_mask(
     return layout.from_rows(chosen.reshape(layout.rows, layout.cols), shape)
 
 
+def select_top(scores: Tensor, layout: Layout, generator: torch.Generator) -> Tensor:
+    """The mask of ``scores``' shape keeping each group's quota of highest scores.
+
+    Each N:M group keeps its ``n`` highest scores; under constant fan-in each
+    row keeps its ``k``. Ties are drawn with ``generator``. Used by one-shot
+    selections (SNIP's :meth:`~sparsetorch.Sparsifier.prune_at_init`).
+
+    Example::
+
+        >>> lay = Layout(NM(1, 2), False, rows=1, cols=4, fan_in=2, ablate=False)
+        >>> select_top(torch.tensor([[0.1, 0.9, 0.7, 0.2]]), lay, torch.Generator())
+        tensor([[False,  True,  True, False]])
+    """
+    size = layout.structure.group_size(layout.cols)
+    quota = layout.fan_in if size == layout.cols else _nm(layout).n
+    groups = layout.to_rows(scores).reshape(-1, size)
+    need = torch.full((groups.shape[0],), quota, device=scores.device)
+    chosen = _group_top(groups, need, generator)
+    return layout.from_rows(chosen.view(layout.rows, layout.cols), scores.shape)
+
+
 def _nm(layout: Layout) -> NM:
     assert isinstance(layout.structure, NM)
     return layout.structure
@@ -568,8 +590,11 @@ def check_policy(structure: Structure | None, policy: Policy) -> None:
     scores drops and grows). A policy that overrides how counts move
     (:meth:`~sparsetorch.policies.Policy.update_counts`,
     ``active_counts_at`` or ``initial_sparsities``) is refused: SNFS and GMP,
-    which move counts between tensors or over time, and SNIP, whose one-shot
-    selection starts dense and is not structured (yet).
+    which move counts between tensors or over time, and SNIP with its global
+    threshold (which sets each layer's count from the scores). SNIP with
+    ``global_threshold=False`` works: the model starts dense, and
+    :meth:`~sparsetorch.Sparsifier.prune_at_init` keeps each group's quota of
+    highest sensitivities (:func:`select_top`).
 
     Example::
 
@@ -584,6 +609,8 @@ def check_policy(structure: Structure | None, policy: Policy) -> None:
         return
     cls = type(policy)
     name = cls.__name__
+    if name == "SNIP" and not getattr(policy, "global_threshold", True):
+        return  # its one-shot selection keeps each group's quota (select_top)
     moved = [
         hook
         for hook in ("update_counts", "active_counts_at", "initial_sparsities")
@@ -609,14 +636,18 @@ _REFUSED = {
     "layer's count (a multiple of its rows or groups).",
     "GMP": "it prunes gradually from dense, through counts that no N:M or "
     "constant fan-in pattern holds.",
-    "SNIP": "its one-shot selection at initialisation picks masks without the "
-    "structure's groups.",
+    "SNIP": "its global threshold chooses each layer's count from the scores, "
+    "and a structure fixes it; SNIP(global_threshold=False) keeps each group's "
+    "quota.",
 }
 
 
 def check_loaded_mask(fqn: str, mask: Tensor, layout: Layout) -> None:
-    """Raise ``ValueError`` if a checkpoint's ``mask`` breaks ``layout``'s structure."""
-    if not check_mask(mask, layout):
+    """Raise ``ValueError`` if a checkpoint's ``mask`` breaks ``layout``'s structure.
+
+    An all-active mask passes: SNIP's masks before its one-shot selection.
+    """
+    if not bool(mask.all()) and not check_mask(mask, layout):
         raise ValueError(
             f"Mask {fqn!r} in the checkpoint does not meet the structure "
             f"{layout.structure!r} (see sparsetorch.structure.check_mask).\nThe "

@@ -373,6 +373,10 @@ class Topology:
                 mask = torch.zeros(weight.numel(), dtype=torch.bool)
                 mask[perm[:target]] = True
                 mask = mask.view(weight.shape).to(weight.device)
+            elif (initial_sparsities or {}).get(fqn) == 0.0:
+                # Starts dense (SNIP): its one-shot selection brings the structure.
+                target, final = weight.numel(), bound.count
+                mask = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
             else:
                 target = final = bound.count
                 mask = initial_mask(bound, weight.shape, generator).to(weight.device)

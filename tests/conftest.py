@@ -106,7 +106,9 @@ def check_invariants(
             if isinstance(state, Tensor) and state.shape == param.shape:
                 assert int(state[~mask].count_nonzero()) == 0, (fqn, key)
     for fqn, layout in sparsifier.topology.layouts.items():  # structure= kept
-        assert check_mask(sparsifier.masks[fqn], layout), (fqn, "structure")
+        mask = sparsifier.masks[fqn]
+        dense = bool(mask.all())  # SNIP before prune_at_init
+        assert dense or check_mask(mask, layout), (fqn, "structure")
     if dense_keys is not None:
         assert model is not None, "dense_keys needs the model"
         assert list(model.state_dict()) == dense_keys

@@ -158,9 +158,52 @@ Use policy='rigl', 'set' or 'static' with a structure, or Shrinking without one.
     )
 
 
+@pytest.mark.parametrize("structure", ["2:4", "constant-fan-in"])
+def test_snip_keeps_each_groups_quota_of_highest_sensitivity(structure: str) -> None:
+    model = mlp(8, 16, 4)
+    sparsifier = st.sparsify(
+        model,
+        policy=st.SNIP(global_threshold=False),
+        structure=structure,
+        sparsity=0.5,
+        distribution="uniform",
+    )
+    assert all(bool(m.all()) for m in sparsifier.masks.values())  # dense until
+    weights = {f: p.detach().clone() for f, p in sparsifier.topology.params.items()}
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+    w0, w1 = weights["0.weight"].requires_grad_(), weights["2.weight"].requires_grad_()
+    loss = F.linear(torch.tanh(F.linear(x, w0, model[0].bias)), w1, model[2].bias)
+    g0, g1 = torch.autograd.grad(loss.square().mean(), [w0, w1])
+    sparsifier.prune_at_init(lambda b: model(b).square().mean(), [x])
+    group = 4 if structure == "2:4" else None
+    for fqn, w, g in (("0.weight", w0, g0), ("2.weight", w1, g1)):
+        score = (w * g).abs().detach()
+        size = group or score.shape[1]  # a 4-group, or a whole row
+        quota = 2 if group else size // 2
+        expected = torch.zeros(score.numel(), dtype=torch.bool)
+        for start in range(0, score.numel(), size):
+            part = score.flatten()[start : start + size].tolist()
+            best = sorted(range(size), key=lambda i: part[i], reverse=True)[:quota]
+            for i in best:
+                expected[start + i] = True
+        assert torch.equal(sparsifier.masks[fqn].flatten(), expected), fqn
+    check_invariants(sparsifier, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_snip_with_its_global_threshold_is_refused() -> None:
+    with pytest.raises(ValueError) as info:
+        st.sparsify(mlp(8, 4), policy="snip", structure="2:4", sparsity=0.5)
+    assert_expected_inline(
+        str(info.value),
+        """\
+policy SNIP cannot keep structure=NM(n=2, m=4): its global threshold chooses each layer's count from the scores, and a structure fixes it; SNIP(global_threshold=False) keeps each group's quota.
+Use policy='rigl', 'set' or 'static' with a structure, or SNIP without one.""",
+    )
+
+
 def test_count_changing_policies_are_refused() -> None:
     policies = st.policies.POLICIES
-    for name in ("gmp", "snfs", "snip"):
+    for name in ("gmp", "snfs"):
         with pytest.raises(ValueError, match=f"policy {policies[name].__name__}"):
             st.sparsify(mlp(8, 4), structure="constant-fan-in", policy=name, end_step=5)
 
