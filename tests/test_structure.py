@@ -543,12 +543,19 @@ def test_every_update_keeps_the_structure_counts_and_zeros_and_resumes_exactly(
         steps: range,
     ) -> None:
         for k in steps:
+            before = {fqn: m.clone() for fqn, m in sparsifier.masks.items()}
             opt.zero_grad()
             model(batch(k)).square().mean().backward()
             opt.step()
             check_invariants(sparsifier, opt, model=model)
+            scheduled = policy != "static" and sparsifier.schedule.is_update_step(k)
             for fqn, layout in sparsifier.topology.layouts.items():
-                assert check_mask(sparsifier.masks[fqn], layout), (k, fqn)
+                mask = sparsifier.masks[fqn]
+                assert check_mask(mask, layout), (k, fqn)
+                grown = int((mask & ~before[fqn]).sum())
+                dropped = int((before[fqn] & ~mask).sum())
+                assert grown == dropped or layout.ablate, (k, fqn)
+                assert scheduled or grown == dropped == 0, (k, fqn)
 
     model, opt, sparsifier = build(seed)
     assert len(sparsifier.topology.layouts) == len(sparsifier.masks)
