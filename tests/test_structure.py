@@ -473,7 +473,7 @@ def structured_model(kind: str, widths: tuple[int, ...], seed: int) -> nn.Module
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(widths[-1] * 9, 4))
 
 
-@settings(PROFILE, max_examples=40)
+@settings(PROFILE, max_examples=100)
 @given(
     kind=hs.sampled_from(["mlp", "cnn"]),
     depth=hs.integers(1, 3),
