@@ -21,6 +21,7 @@ See ``docs/distributed.md`` for the communication and memory per update.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -303,39 +304,25 @@ def update_sharded(
         FloatingPointError: a score read by the update is NaN or infinite on
             any rank (raised on every rank).
     """
-    n_grow = n_drop if n_grow is None else n_grow
-    name = type(policy).__name__
-    flat = mask.flatten()
-    if n_drop == 0 and n_grow == 0:
-        return mask.clone()
-    active = base._nonzero(flat)
-    if type(policy).drop_score is base.Policy.drop_score:
-        drop = weight.flatten()[active].abs()
-    else:
-        drop = policy.drop_score(weight, mask).flatten()[active]
-    _check_finite_everywhere(drop, None, "drop", name, shard)
-    kept = active[top_sharded(drop, n_active - n_drop, generator, shard)]
-    if n_grow == 0:  # pruning only (GMP): no growth scores, as unsharded
-        grown = kept.new_empty(0)
-    else:
-        with _random_scores_for(shard):
-            grow = policy.grow_score(weight, mask, grad, generator).flatten()
-        if not grow.is_floating_point() or base._shares_memory(
-            grow, weight, mask, grad
-        ):
-            grow = grow.float() if not grow.is_floating_point() else grow.clone()
-        _check_finite_everywhere(grow, kept, "grow", name, shard)
-        grown = top_sharded(
-            grow.index_fill_(0, kept, float("-inf")), n_grow, generator, shard
+    with _random_scores_for(shard):
+        new, _ = base._update_mask(
+            policy,
+            weight,
+            mask,
+            grad,
+            n_drop,
+            generator,
+            n_active=n_active,
+            active=base._nonzero(mask.flatten()),
+            n_grow=n_grow,
+            select=functools.partial(top_sharded, shard=shard),
+            check_finite=functools.partial(_check_finite_everywhere, shard=shard),
         )
-    new = torch.zeros_like(flat)
-    new.index_fill_(0, kept, True)
-    new.index_fill_(0, grown, True)
-    return new.view_as(mask)
+    return new
 
 
 def _check_finite_everywhere(
-    scores: Tensor, skip: Tensor | None, kind: str, policy: str, shard: Shard
+    scores: Tensor, kind: str, policy: str, skip: Tensor | None = None, *, shard: Shard
 ) -> None:
     """:func:`base._check_finite` over all shards: every rank raises or none."""
     bad = ~torch.isfinite(scores)

@@ -407,6 +407,8 @@ def _update_mask(
     positions: bool = False,
     structure: Layout | None = None,
     n_grow: int | None = None,
+    select: Callable[[Tensor, int, torch.Generator], Tensor] | None = None,
+    check_finite: Callable[..., None] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`update_mask`, given and giving the sorted active positions.
 
@@ -416,11 +418,22 @@ def _update_mask(
     (else ``None``). ``structure``: the tensor's
     :class:`~sparsetorch.structure.Layout`, whose groups the update keeps
     (:func:`sparsetorch.structure.update_structured`). Default: ``None``
-    (unstructured). ``n_grow``: as in :func:`update_mask`.
+    (unstructured). ``n_grow``: as in :func:`update_mask`. ``select`` and
+    ``check_finite`` replace :func:`_top` and :func:`_check_finite` (FSDP2
+    shards: ``sparsetorch._fsdp`` selects over all ranks; ``n_active`` then
+    counts the whole tensor and ``active`` this shard's positions).
     """
+    select = _top if select is None else select
+    check_finite = _check_finite if check_finite is None else check_finite
     if structure is not None and n_drop > 0:
         from sparsetorch.structure import update_structured
 
+        if n_grow is not None and n_grow != n_drop:
+            raise RuntimeError(
+                f"A structured update regrows what each group dropped, but "
+                f"{type(policy).__name__} asked to drop {n_drop} and grow {n_grow}."
+                "\nsparsify refuses such policies with a structure."
+            )
         new = update_structured(
             policy, weight, mask, grad, n_drop, generator, structure
         )
@@ -443,16 +456,17 @@ def _update_mask(
         drop = weight.flatten()[active].abs()  # (n_active,)
     else:
         drop = policy.drop_score(weight, mask).flatten()[active]
-    _check_finite(drop, "drop", name)
-    kept = active[_top(drop, active.numel() - n_drop, generator)]
+    check_finite(drop, "drop", name)
+    n_keep = (active.numel() if n_active is None else n_active) - n_drop
+    kept = active[select(drop, n_keep, generator)]
     if n_grow == 0:  # pruning only (GMP): no growth scores are read or drawn
         grown = kept.new_empty(0)
     else:
         grow = policy.grow_score(weight, mask, grad, generator).flatten()
         if not grow.is_floating_point() or _shares_memory(grow, weight, mask, grad):
             grow = grow.float() if not grow.is_floating_point() else grow.clone()
-        _check_finite(grow, "grow", name, skip=kept)
-        grown = _top(grow.index_fill_(0, kept, float("-inf")), n_grow, generator)
+        check_finite(grow, "grow", name, skip=kept)
+        grown = select(grow.index_fill_(0, kept, float("-inf")), n_grow, generator)
     new = torch.zeros_like(flat)
     new.index_fill_(0, kept, True)
     new.index_fill_(0, grown, True)
