@@ -280,13 +280,15 @@ def test_hf_conv1d_rows_are_its_columns() -> None:
     assert (layout.rows, layout.cols, layout.transposed) == (8, 16, True)
 
 
-def test_unstructured_initial_masks_are_unchanged_by_the_structure_argument() -> None:
-    masks = []
-    for structure in (None, "absent"):
-        model = mlp(8, 16, 4)
-        kwargs: dict[str, Any] = {} if structure == "absent" else {"structure": None}
-        masks.append(st.sparsify(model, policy="static", sparsity=0.7, **kwargs).masks)
-    assert same(masks[0], masks[1])
+def test_unstructured_initial_masks_are_the_plain_random_draw() -> None:
+    """structure=None draws exactly what sparsetorch drew before structures."""
+    sparsifier = st.sparsify(mlp(8, 16, 4), policy="static", sparsity=0.7, seed=3)
+    g = torch.Generator().manual_seed(3)
+    for fqn, mask in sparsifier.masks.items():
+        target = sparsifier.topology.targets[fqn]
+        expected = torch.zeros(mask.numel(), dtype=torch.bool)
+        expected[torch.randperm(mask.numel(), generator=g)[:target]] = True
+        assert torch.equal(mask.flatten(), expected), fqn
 
 
 # -- reference updates: one update, from the definitions -----------------------------
