@@ -37,6 +37,21 @@ def build(seed: int = 0) -> nn.Sequential:
     ).double()
 
 
+def sparsified(
+    model: nn.Module, policy: str = "rigl", sparsity: float = 0.75, seed: int = 0
+) -> st.Sparsifier:
+    """The run's sparsifier: updates at steps 2, 4, 6 and 8."""
+    return st.sparsify(
+        model,
+        policy=policy,
+        sparsity=sparsity,
+        distribution="uniform",
+        total_steps=STEPS,
+        update_interval=2,
+        seed=seed,
+    )
+
+
 def batch(step: int, world: int, rank: int, micro: int = 0, micros: int = 1):
     """This rank's slice of micro-batch ``micro`` of the global batch of ``step``."""
     g = torch.Generator().manual_seed(1000 + step)
@@ -93,14 +108,7 @@ def train(
     """Train (or continue) one run; return it and the nonzeros outside per step."""
     if model is None:
         model = build()
-        sparsifier = st.sparsify(
-            model,
-            policy=policy,
-            sparsity=0.75,
-            distribution="uniform",
-            total_steps=STEPS,
-            update_interval=2,
-        )
+        sparsifier = sparsified(model, policy)
         if world > 1:
             (setup or shard)(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
@@ -302,15 +310,7 @@ def _save_worker(rank: int, out: str) -> None:
 
 def _resume(world: int, rank: int, path: str) -> dict[str, Any]:
     model = build(seed=1)  # other weights: everything must come from the checkpoint
-    sparsifier = st.sparsify(
-        model,
-        policy="rigl",
-        sparsity=0.75,
-        distribution="uniform",
-        total_steps=STEPS,
-        update_interval=2,
-        seed=5,
-    )
+    sparsifier = sparsified(model, seed=5)
     if world > 1:
         shard(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
@@ -334,14 +334,7 @@ def _resume_worker(rank: int, out: str) -> None:
     result = _resume(dist.get_world_size(), rank, f"{out}/../saved/ckpt")
     # A corrupt shard: one bit flipped in rank 1's packed rows of one mask.
     model = build()
-    sparsifier = st.sparsify(
-        model,
-        policy="rigl",
-        sparsity=0.75,
-        distribution="uniform",
-        total_steps=STEPS,
-        update_interval=2,
-    )
+    sparsifier = sparsified(model)
     shard(model)
     state = {"sparsity": sparsifier.state_dict()}
     import torch.distributed.checkpoint as dcp
@@ -355,14 +348,7 @@ def _resume_worker(rank: int, out: str) -> None:
         result["corrupt"] = str(error)
     # Another sparsity: refused on the settings.
     other = build()
-    sparsifier = st.sparsify(
-        other,
-        policy="rigl",
-        sparsity=0.5,
-        distribution="uniform",
-        total_steps=STEPS,
-        update_interval=2,
-    )
+    sparsifier = sparsified(other, sparsity=0.5)
     shard(other)
     state = {"sparsity": sparsifier.state_dict()}
     try:
@@ -452,14 +438,7 @@ def _variants_worker(rank: int, out: str) -> None:
     def run(name: str, make: Callable[[], nn.Module], **shard_kwargs: Any) -> None:
         torch.manual_seed(0)
         model = make()
-        sparsifier = st.sparsify(
-            model,
-            policy="rigl",
-            sparsity=0.75,
-            distribution="uniform",
-            total_steps=STEPS,
-            update_interval=2,
-        )
+        sparsifier = sparsified(model)
         inner = getattr(model, "model", model)
         for layer in (inner[0], inner[2], inner[4]):
             fully_shard(layer, **shard_kwargs)
@@ -495,9 +474,7 @@ def _variants_worker(rank: int, out: str) -> None:
 
     errors: dict[str, str] = {}
     model = build()
-    sparsifier = st.sparsify(
-        model, policy="rigl", sparsity=0.75, total_steps=STEPS, update_interval=2
-    )
+    sparsifier = sparsified(model)
     early = torch.optim.AdamW(model.parameters())  # built before fully_shard
     sparsifier.attach_optimizer(early)
     shard(model)
