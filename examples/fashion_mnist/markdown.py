@@ -111,8 +111,10 @@ def render_markdown(
         "allocation of the target sparsity except where a row says otherwise; "
         "`2:4` keeps 2 of every 4 consecutive input weights of every layer (50% "
         "everywhere, so its unstructured neighbour is RigL 50% uniform); `fan-in` "
-        "gives every output neuron of a layer the same number of active inputs "
-        "(SRigL's constant fan-in) under ERK's per-layer densities.",
+        "is SRigL (Lasby et al. 2023): RigL whose masks give every output neuron "
+        "of a layer the same number of active inputs, under ERK's per-layer "
+        "densities, with its neuron ablation (gamma_sal 0.3: a neuron with too few "
+        "salient weights is dropped and its weights go to the others).",
         "",
         "*Train FLOPs* is a run's training FLOPs relative to training the dense "
         "model for the 1x recipe, and *infer FLOPs* one forward pass relative to "

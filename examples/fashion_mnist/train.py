@@ -1,8 +1,10 @@
 """One training run: build the model, sparsify it, train, measure.
 
-The loop in :func:`train_one` is the ordinary PyTorch loop plus one
-``sparsetorch.sparsify`` call; everything the sweep measures comes from the
-sparsifier afterwards (``summary()``, ``metrics()``, ``flops()``).
+The loop in :func:`train_one` is the ordinary PyTorch loop; the one
+``sparsetorch.sparsify`` call (and SNIP's ``prune_at_init``) is in
+:meth:`SparseRun.start`, and what the sweep measures beyond accuracy comes from
+the sparsifier afterwards: ``summary()``, ``mask_history`` (mask change and ITOP
+rate at every update, with ``track_itop()`` on) and ``flops()``.
 """
 
 from __future__ import annotations
