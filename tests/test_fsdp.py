@@ -285,6 +285,13 @@ def _full_state(model, optimizer, sparsifier) -> dict[str, Any]:
     }
 
 
+def finish(world: int, rank: int, model, sparsifier, optimizer) -> list[int]:
+    """Train a run from SAVE_AT to the end; the nonzeros outside per step."""
+    steps = range(SAVE_AT, STEPS)
+    return train(world, rank, "rigl", steps=steps, model=model,
+                 sparsifier=sparsifier, optimizer=optimizer)[3]  # fmt: skip
+
+
 def _save_worker(rank: int, out: str) -> None:
     """4 ranks: save at SAVE_AT, then run on to STEPS (the uninterrupted run)."""
     import torch.distributed.checkpoint as dcp
@@ -294,15 +301,7 @@ def _save_worker(rank: int, out: str) -> None:
     model, sparsifier, optimizer, _ = train(world, rank, "rigl", steps=range(SAVE_AT))
     dcp.save(_dcp_state(model, optimizer, sparsifier), checkpoint_id=f"{out}/ckpt")
     saved = _full_state(model, optimizer, sparsifier)
-    train(
-        world,
-        rank,
-        "rigl",
-        steps=range(SAVE_AT, STEPS),
-        model=model,
-        sparsifier=sparsifier,
-        optimizer=optimizer,
-    )
+    finish(world, rank, model, sparsifier, optimizer)
     torch.save({"saved": saved, "end": gathered(sparsifier)}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
     exit_worker()
@@ -317,15 +316,7 @@ def _resume(world: int, rank: int, path: str) -> dict[str, Any]:
     sparsifier.attach_optimizer(optimizer)
     _dcp_load(model, optimizer, sparsifier, path)
     loaded = _full_state(model, optimizer, sparsifier)
-    _, _, _, leaks = train(
-        world,
-        rank,
-        "rigl",
-        steps=range(SAVE_AT, STEPS),
-        model=model,
-        sparsifier=sparsifier,
-        optimizer=optimizer,
-    )
+    leaks = finish(world, rank, model, sparsifier, optimizer)
     return {"loaded": loaded, "end": gathered(sparsifier), "leaks": leaks}
 
 
