@@ -388,9 +388,7 @@ class Topology:
                 _mask_(weight, mask)
             else:
                 stash.keep(weight, mask, functools.partial(_mask_, weight, mask))
-            self._entries[fqn] = _Entry(
-                module, name, p, sparsity, target, bound, final
-            )
+            self._entries[fqn] = _Entry(module, name, p, sparsity, target, bound, final)
             setattr(type(module), "__getstate__", _refuse_pickle)  # noqa: B010
         stored = {id(e.param): e.parametrization for e in self._entries.values()}
         for module in model.modules():
