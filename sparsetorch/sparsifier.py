@@ -852,6 +852,9 @@ class Sparsifier:
         Format version 2: each mask is stored bit-packed or as the positions of
         its active weights, whichever is smaller (see ``docs/reliability.md``).
 
+        With ``sharded=False`` under FSDP2, the masks are gathered whole (call it
+        on every rank), for a single-file checkpoint that loads anywhere.
+
         With ``sharded`` (the default when FSDP2 shards the weights), the layout
         that ``torch.distributed.checkpoint`` saves and reshards (format version
         3): each mask's rows bit-packed (``uint8``, ``ceil(row_numel / 8)``
@@ -878,14 +881,15 @@ class Sparsifier:
         return self._state()
 
     def _state(self, masks: bool = True) -> dict[str, Any]:
-        return {
+        """Format version 2 (with ``masks``: under FSDP2, gathered whole, a
+        collective; without: the DCP layout packs them itself)."""
+        whole = self._whole_masks() if masks else {}
+        state = {
             "format_version": FORMAT_VERSION,
             "step": self.step_count,
             "updates": self.update_count,
             "generator": self.generator.get_state(),
-            "masks": {fqn: encode_mask(m) for fqn, m in self.masks.items()}
-            if masks
-            else {},
+            "masks": {fqn: encode_mask(m) for fqn, m in whole.items()},
             "settings": self._settings(),
             **self._metrics_state(),
             "active": self.topology.targets,
@@ -893,6 +897,23 @@ class Sparsifier:
                 "signals": {fqn: s.detach().clone() for fqn, s in self.signals.items()},
                 "pruned_at_init": self.pruned_at_init,
             },
+        }
+        ever = self._mask_metrics.ever
+        if masks and self.sharded and ever is not None:  # this rank's rows: gather
+            params = self.topology.params
+            state["metrics"]["ever_active"] = {
+                fqn: encode_mask(_fsdp.like_rows(e, params[fqn]).full_tensor())  # type: ignore[attr-defined]
+                for fqn, e in ever.items()
+            }
+        return state
+
+    def _whole_masks(self) -> dict[str, Tensor]:
+        """The masks, whole: gathered from every rank under FSDP2 (collective)."""
+        if not self.sharded:
+            return self.masks
+        return {
+            fqn: m.full_tensor()  # type: ignore[attr-defined]
+            for fqn, m in self.masks.items()
         }
 
     def _packed(self, fqn: str, mask: Tensor) -> Tensor:

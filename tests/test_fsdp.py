@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import exit_worker, spawn_ranks
+from conftest import assert_same, exit_worker, spawn_ranks
 from expecttest import assert_expected_inline
 from torch import Tensor, nn
 
@@ -317,12 +317,25 @@ def _resume(world: int, rank: int, path: str) -> dict[str, Any]:
     _dcp_load(model, optimizer, sparsifier, path)
     loaded = _full_state(model, optimizer, sparsifier)
     leaks = finish(world, rank, model, sparsifier, optimizer)
-    return {"loaded": loaded, "end": gathered(sparsifier), "leaks": leaks}
+    # A whole (format 2) checkpoint: under FSDP2 the masks are gathered.
+    whole = sparsifier.state_dict(sharded=False)
+    return {
+        "loaded": loaded,
+        "end": gathered(sparsifier),
+        "leaks": leaks,
+        "whole": whole,
+    }
 
 
 def _resume_worker(rank: int, out: str) -> None:
     dist.init_process_group("gloo")
     result = _resume(dist.get_world_size(), rank, f"{out}/../saved/ckpt")
+    # The whole checkpoint loads into a sharded run: each rank takes its rows.
+    model = build()
+    sparsifier = sparsified(model)
+    shard(model)
+    sparsifier.load_state_dict(result["whole"])
+    result["from_whole"] = gathered(sparsifier)["masks"]
     # A corrupt shard: one bit flipped in rank 1's packed rows of one mask.
     model = build()
     sparsifier = sparsified(model)
@@ -371,6 +384,9 @@ def test_saved_on_4_ranks_resumes_on_2_and_on_1_exactly(tmp_path: Path) -> None:
                 result["end"]["weights"][fqn], end["weights"][fqn], rtol=0, atol=1e-12
             )
     for result in two:
+        assert_same(result["whole"], one["whole"])  # as one process saves it
+        for fqn, mask in end["masks"].items():
+            assert torch.equal(result["from_whole"][fqn], mask), fqn
         assert_expected_inline(
             result["corrupt"],
             """\
