@@ -289,17 +289,25 @@ lenet300 GMP erk 0.98
 lenet300 RigL 2x erk 0.9
 lenet300 RigL 2x erk 0.98
 lenet300 RigL 5x erk 0.9
+lenet300 RigL 5x erk 0.98
 lenet300 RigL 2:4 uniform 0.5
 lenet300 RigL uniform 0.5
 lenet300 RigL fan-in erk 0.9
 lenet5 dense - 0
 lenet5 static erk 0.9
+lenet5 static erk 0.98
 lenet5 SET erk 0.9
+lenet5 SET erk 0.98
 lenet5 SNFS erk 0.9
+lenet5 SNFS erk 0.98
 lenet5 RigL erk 0.9
+lenet5 RigL erk 0.98
 lenet5 SNIP erk 0.9
+lenet5 SNIP erk 0.98
 lenet5 GMP erk 0.9
-lenet5 RigL 2x erk 0.9""",
+lenet5 GMP erk 0.98
+lenet5 RigL 2x erk 0.9
+lenet5 RigL 2x erk 0.98""",
     )
     assert grid.full_rows()[: len(grid.default_rows())] == grid.default_rows()
 
