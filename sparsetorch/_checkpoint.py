@@ -26,7 +26,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "decode_mask", "encode_mask"]
+__all__ = [
+    "DCP_VERSION",
+    "FORMAT_VERSION",
+    "READABLE_VERSIONS",
+    "check_version",
+    "decode_mask",
+    "encode_mask",
+    "pack_rows",
+    "same",
+    "stored_counts",
+    "stored_policy_state",
+    "unpack_rows",
+]
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2, 3)  # 3: the DCP layout (Sparsifier.state_dict(sharded=True))
@@ -264,3 +276,119 @@ def unpack_rows(data: object, fqn: str, shape: tuple[int, ...]) -> Tensor:
             f"Mask {fqn!r}: the padding bits are not zero: the checkpoint is corrupted."
         )
     return bits[:, :row_numel].reshape(shape)
+
+
+# -- checks of a whole sparsifier checkpoint ----------------------------------------
+
+
+def check_version(state_dict: Mapping[str, Any]) -> int:
+    """The checkpoint's format version, if this sparsetorch reads it."""
+    if "format_version" not in state_dict:
+        hint = (
+            "It looks like a rigl-torch RigLScheduler state dict: pass it to "
+            "sparsetorch.RigLScheduler(..., state_dict=...), which converts it."
+            if "backward_masks" in state_dict
+            else "Pass the dict made by sparsifier.state_dict()."
+        )
+        raise ValueError(
+            "Not a sparsifier checkpoint: it has no 'format_version' "
+            f"(keys: {sorted(map(str, state_dict))}).\n{hint}"
+        )
+    version = state_dict["format_version"]
+    if isinstance(version, int) and version > max(READABLE_VERSIONS):
+        raise ValueError(
+            f"The sparsifier checkpoint has format_version {version}, newer than "
+            f"this sparsetorch reads (versions {list(READABLE_VERSIONS)}).\n"
+            "Upgrade sparsetorch to load it."
+        )
+    if (
+        isinstance(version, bool)
+        or not isinstance(version, int)
+        or version not in READABLE_VERSIONS
+    ):
+        raise ValueError(
+            f"Unknown sparsifier checkpoint format_version {version!r}; this "
+            f"sparsetorch reads versions {list(READABLE_VERSIONS)}."
+        )
+    return version
+
+
+def stored_counts(
+    state_dict: Mapping[str, Any],
+    allocated: Mapping[str, int],
+    masks: Mapping[str, Tensor],
+) -> dict[str, int]:
+    """The checkpoint's active count per tensor, checked.
+
+    Checkpoints made before per-tensor counts could move (no ``"active"``
+    key) held the allocated counts.
+    """
+    if "active" not in state_dict:
+        return dict(allocated)
+    active = state_dict["active"]
+    if not isinstance(active, Mapping) or set(active) != set(masks):
+        raise ValueError(
+            "The sparsifier checkpoint's 'active' must be a dict {tensor_fqn: "
+            f"active count}} over the masked tensors {sorted(masks)}, got "
+            f"{active!r}."
+        )
+    for fqn, count in active.items():
+        numel = masks[fqn].numel()
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise TypeError(
+                f"The sparsifier checkpoint's active count of {fqn!r} must be an "
+                f"int, got {count!r}."
+            )
+        if not 0 <= count <= numel:
+            raise ValueError(
+                f"The sparsifier checkpoint's active count of {fqn!r} is {count}, "
+                f"outside [0, {numel}]: the checkpoint is corrupted."
+            )
+    return {fqn: active[fqn] for fqn in masks}
+
+
+def stored_policy_state(
+    state_dict: Mapping[str, Any], params: Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor], bool]:
+    """The checkpoint's policy state (running signals, SNIP's flag), checked."""
+    state = state_dict.get("policy_state", {})
+    if not isinstance(state, Mapping):
+        raise TypeError(
+            "The sparsifier checkpoint's 'policy_state' must be a dict, got "
+            f"{type(state).__name__}."
+        )
+    signals = state.get("signals", {})
+    pruned = state.get("pruned_at_init", False)
+    if not isinstance(pruned, bool):
+        raise TypeError(
+            "The sparsifier checkpoint's 'pruned_at_init' must be True or False, "
+            f"got {pruned!r}."
+        )
+    if not isinstance(signals, Mapping) or not set(signals) <= set(params):
+        raise ValueError(
+            "The sparsifier checkpoint's 'signals' must be a dict {tensor_fqn: "
+            f"tensor}} over the masked tensors {sorted(params)}."
+        )
+    loaded = {}
+    for fqn, signal in signals.items():
+        param = params[fqn]
+        if not isinstance(signal, Tensor) or signal.shape != param.shape:
+            raise ValueError(
+                f"The sparsifier checkpoint's signal for {fqn!r} must be a tensor "
+                f"of shape {tuple(param.shape)}, got "
+                f"{getattr(signal, 'shape', type(signal).__name__)}."
+            )
+        loaded[fqn] = signal.detach().to(param.device, copy=True)
+    return loaded, pruned
+
+
+def same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return (
+            isinstance(a, (int, float))
+            and isinstance(b, (int, float))
+            and (math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12))
+        )
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return bool(a == b)

@@ -18,10 +18,13 @@ from sparsetorch import _distributed, _fsdp, _optim
 from sparsetorch._checkpoint import (
     DCP_VERSION,
     FORMAT_VERSION,
-    READABLE_VERSIONS,
+    check_version,
     decode_mask,
     encode_mask,
     pack_rows,
+    same,
+    stored_counts,
+    stored_policy_state,
     unpack_rows,
 )
 from sparsetorch._stash import Stash
@@ -29,12 +32,11 @@ from sparsetorch.execution import export_sparse, mask_mode_reasons, set_executio
 from sparsetorch.flops import FlopsReport, SizeRecorder, flops_report
 from sparsetorch.metrics import MaskMetrics, MaskUpdate
 from sparsetorch.parametrization import _mask_, local
-from sparsetorch.policies.base import CountContext, Policy, _top, _update_mask
-from sparsetorch.policies.snip import SNIP
+from sparsetorch.policies.base import CountContext, Policy, _update_mask
+from sparsetorch.policies.snip import SNIP, sensitivity_masks
 from sparsetorch.schedule import Schedule
 from sparsetorch.structure import (
     check_loaded_mask,
-    select_top,
     structure_notes,
     structure_settings,
 )
@@ -532,72 +534,9 @@ class Sparsifier:
             )
         params = self.topology.params
         _distributed.check_params_unsharded(params, "SNIP's prune_at_init")
-        model = self.topology.model
-        masks = self.masks
-        keep = {id(m) for m in masks.values()}
-        buffers = [
-            (b, b.detach().clone()) for b in model.buffers() if id(b) not in keep
-        ]
-        grads: dict[str, Tensor] = {
-            fqn: torch.zeros_like(p, memory_format=torch.contiguous_format)
-            for fqn, p in params.items()
-        }
-        count = 0
-        try:
-            for batch in batches:
-                loss = loss_fn(batch)
-                if not isinstance(loss, Tensor) or loss.numel() != 1:
-                    raise ValueError(
-                        "prune_at_init's loss_fn must return a scalar tensor, got "
-                        f"{type(loss).__name__}"
-                        f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}."
-                    )
-                found = torch.autograd.grad(
-                    loss, list(params.values()), allow_unused=True
-                )
-                for grad, fqn in zip(found, params, strict=True):
-                    if grad is not None:
-                        grads[fqn].add_(grad)
-                count += 1
-        finally:
-            with torch.no_grad():
-                for buffer, value in buffers:
-                    buffer.copy_(value)
-        if count == 0:
-            raise ValueError(
-                "prune_at_init needs at least one batch; got none.\nPass e.g. "
-                "[next(iter(loader))]."
-            )
-        _distributed.average_(list(grads.values()))
-        with torch.no_grad():
-            scores = {
-                fqn: policy.saliency(params[fqn], grads[fqn]).flatten()
-                for fqn in params
-            }
-        targets = self.topology.final_targets
-        new_masks: dict[str, Tensor] = {}
-        if policy.global_threshold:
-            device = next(iter(scores.values())).device
-            flat = torch.cat([s.float().to(device) for s in scores.values()])
-            chosen = _top(flat, sum(targets.values()), self.generator)
-            picked = torch.zeros(flat.numel(), dtype=torch.bool, device=device)
-            picked[chosen] = True
-            start = 0
-            for fqn, score in scores.items():
-                part = picked[start : start + score.numel()]
-                start += score.numel()
-                new_masks[fqn] = part.view_as(masks[fqn]).to(masks[fqn].device)
-        else:
-            layouts = self.topology.layouts
-            for fqn, score in scores.items():
-                if fqn in layouts:  # each group's quota of highest scores
-                    new_masks[fqn] = select_top(
-                        score.view_as(masks[fqn]), layouts[fqn], self.generator
-                    )
-                    continue
-                new = torch.zeros_like(score, dtype=torch.bool)
-                new[_top(score, targets[fqn], self.generator)] = True
-                new_masks[fqn] = new.view_as(masks[fqn])
+        new_masks = sensitivity_masks(
+            policy, self.topology, loss_fn, batches, self.generator
+        )
         counts = {fqn: int(m.sum()) for fqn, m in new_masks.items()}
         empty = [fqn for fqn, n in counts.items() if n == 0]
         if empty:
@@ -975,7 +914,7 @@ class Sparsifier:
             counts = _fsdp.sum_over_ranks(
                 torch.stack([m.sum() for m in masks.values()]).long()
             ).tolist()
-            expected = _stored_counts(state, self.topology.final_targets, params)
+            expected = stored_counts(state, self.topology.final_targets, params)
             for (fqn, count), want in zip(
                 zip(masks, counts, strict=True), expected.values(), strict=True
             ):
@@ -1034,7 +973,7 @@ class Sparsifier:
         dcp_ever = None
         if from_dcp:
             state_dict, dcp_ever = self._from_dcp_layout(state_dict)
-        version = _check_version(state_dict)
+        version = check_version(state_dict)
         missing = sorted(
             {"step", "updates", "generator", "masks", "settings"} - set(state_dict)
         )
@@ -1079,7 +1018,7 @@ class Sparsifier:
             )
         current = self._settings()
         mismatched = sorted(
-            key for key, value in current.items() if not _same(settings.get(key), value)
+            key for key, value in current.items() if not same(settings.get(key), value)
         )
         if mismatched:
             lines = "\n".join(
@@ -1091,8 +1030,8 @@ class Sparsifier:
                 "The checkpoint was made with other settings:\n"
                 f"{lines}\nBuild the sparsifier with the checkpoint's settings."
             )
-        targets = _stored_counts(state_dict, self.topology.final_targets, mine)
-        signals, pruned = _stored_policy_state(state_dict, self.topology.params)
+        targets = stored_counts(state_dict, self.topology.final_targets, mine)
+        signals, pruned = stored_policy_state(state_dict, self.topology.params)
         layouts = self.topology.layouts
         params = self.topology.params
         if self.sharded and from_dcp:
@@ -1633,107 +1572,6 @@ def _adopt_unattached(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) 
         sparsifier._adopt(optimizer)
 
 
-def _check_version(state_dict: Mapping[str, Any]) -> int:
-    """The checkpoint's format version, if this sparsetorch reads it."""
-    if "format_version" not in state_dict:
-        hint = (
-            "It looks like a rigl-torch RigLScheduler state dict: pass it to "
-            "sparsetorch.RigLScheduler(..., state_dict=...), which converts it."
-            if "backward_masks" in state_dict
-            else "Pass the dict made by sparsifier.state_dict()."
-        )
-        raise ValueError(
-            "Not a sparsifier checkpoint: it has no 'format_version' "
-            f"(keys: {sorted(map(str, state_dict))}).\n{hint}"
-        )
-    version = state_dict["format_version"]
-    if isinstance(version, int) and version > max(READABLE_VERSIONS):
-        raise ValueError(
-            f"The sparsifier checkpoint has format_version {version}, newer than "
-            f"this sparsetorch reads (versions {list(READABLE_VERSIONS)}).\n"
-            "Upgrade sparsetorch to load it."
-        )
-    if (
-        isinstance(version, bool)
-        or not isinstance(version, int)
-        or version not in READABLE_VERSIONS
-    ):
-        raise ValueError(
-            f"Unknown sparsifier checkpoint format_version {version!r}; this "
-            f"sparsetorch reads versions {list(READABLE_VERSIONS)}."
-        )
-    return version
-
-
-def _stored_counts(
-    state_dict: Mapping[str, Any],
-    allocated: Mapping[str, int],
-    masks: Mapping[str, Tensor],
-) -> dict[str, int]:
-    """The checkpoint's active count per tensor, checked.
-
-    Checkpoints made before per-tensor counts could move (no ``"active"``
-    key) held the allocated counts.
-    """
-    if "active" not in state_dict:
-        return dict(allocated)
-    active = state_dict["active"]
-    if not isinstance(active, Mapping) or set(active) != set(masks):
-        raise ValueError(
-            "The sparsifier checkpoint's 'active' must be a dict {tensor_fqn: "
-            f"active count}} over the masked tensors {sorted(masks)}, got "
-            f"{active!r}."
-        )
-    for fqn, count in active.items():
-        numel = masks[fqn].numel()
-        if isinstance(count, bool) or not isinstance(count, int):
-            raise TypeError(
-                f"The sparsifier checkpoint's active count of {fqn!r} must be an "
-                f"int, got {count!r}."
-            )
-        if not 0 <= count <= numel:
-            raise ValueError(
-                f"The sparsifier checkpoint's active count of {fqn!r} is {count}, "
-                f"outside [0, {numel}]: the checkpoint is corrupted."
-            )
-    return {fqn: active[fqn] for fqn in masks}
-
-
-def _stored_policy_state(
-    state_dict: Mapping[str, Any], params: Mapping[str, Tensor]
-) -> tuple[dict[str, Tensor], bool]:
-    """The checkpoint's policy state (running signals, SNIP's flag), checked."""
-    state = state_dict.get("policy_state", {})
-    if not isinstance(state, Mapping):
-        raise TypeError(
-            "The sparsifier checkpoint's 'policy_state' must be a dict, got "
-            f"{type(state).__name__}."
-        )
-    signals = state.get("signals", {})
-    pruned = state.get("pruned_at_init", False)
-    if not isinstance(pruned, bool):
-        raise TypeError(
-            "The sparsifier checkpoint's 'pruned_at_init' must be True or False, "
-            f"got {pruned!r}."
-        )
-    if not isinstance(signals, Mapping) or not set(signals) <= set(params):
-        raise ValueError(
-            "The sparsifier checkpoint's 'signals' must be a dict {tensor_fqn: "
-            f"tensor}} over the masked tensors {sorted(params)}."
-        )
-    loaded = {}
-    for fqn, signal in signals.items():
-        param = params[fqn]
-        if not isinstance(signal, Tensor) or signal.shape != param.shape:
-            raise ValueError(
-                f"The sparsifier checkpoint's signal for {fqn!r} must be a tensor "
-                f"of shape {tuple(param.shape)}, got "
-                f"{getattr(signal, 'shape', type(signal).__name__)}."
-            )
-        loaded[fqn] = signal.detach().to(param.device, copy=True)
-    return loaded, pruned
-
-
 def _restart_lbfgs(optimizer: torch.optim.LBFGS) -> None:
     """Drop L-BFGS's curvature history after an update.
 
@@ -1747,15 +1585,3 @@ def _restart_lbfgs(optimizer: torch.optim.LBFGS) -> None:
         state.pop(key, None)
     if "n_iter" in state:
         state["n_iter"] = 0
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, float) or isinstance(b, float):
-        return (
-            isinstance(a, (int, float))
-            and isinstance(b, (int, float))
-            and (math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12))
-        )
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return bool(a == b)
