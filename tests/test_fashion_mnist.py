@@ -93,10 +93,22 @@ def copy_dir(data_dir: Path, tmp_path: Path) -> Path:
     return target
 
 
-def test_quick_run_on_real_data(tmp_path: Path) -> None:
-    # one process: the worker pool is test_results_do_not_depend_on_jobs's
-    proc = _run(tmp_path, "--quick", "--jobs", "1", "--no-progress", "--out", "out")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+@pytest.fixture(autouse=True)
+def _keep_torch_threads() -> Iterator[None]:
+    """The command line sets torch's thread count; in-process runs restore it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_run_on_real_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # in this process: the worker pool and the entry point are
+    # test_results_do_not_depend_on_jobs's
+    out = str(tmp_path / "out")
+    assert cli.main(["--quick", "--jobs", "1", "--no-progress", "--out", out]) == 0
+    stdout = capsys.readouterr().out
     payload = json.loads((tmp_path / "out" / "results.json").read_text())
     rows = {
         (r["policy"], r["distribution"], r["target_sparsity"]): r
@@ -119,7 +131,7 @@ def test_quick_run_on_real_data(tmp_path: Path) -> None:
     assert runs["dense", 0.0]["train_flops"] == 1.0
     assert runs["static", 0.9]["train_flops"] < runs["rigl", 0.9]["train_flops"] < 1
     assert runs["rigl", 0.9]["inference_flops"] < 0.2
-    assert "fc1.weight" in proc.stdout  # the sparsifier's summary() was printed
+    assert "fc1.weight" in stdout  # the sparsifier's summary() was printed
     assert (tmp_path / "out" / "results.md").is_file()
     try:
         import matplotlib  # noqa: F401
@@ -134,18 +146,23 @@ def test_quick_run_on_real_data(tmp_path: Path) -> None:
         assert (tmp_path / "out" / f"{name}.png").stat().st_size > 0
 
 
-def test_results_do_not_depend_on_jobs(tmp_path: Path) -> None:
+def test_results_do_not_depend_on_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
     # LeNet-5: the conv layers are sparse too
     tiny = ("--quick", "--model", "lenet5", "--policy", "rigl", "--seeds", "2")
     tiny += ("--train-subset", "1024", "--test-subset", "500", "--no-plots")
+    tiny += ("--update-interval", "4")  # 16 steps: updates at 4, 8 and 12
     runs = {}
+    # in this process, one run after the other
+    assert cli.main([*tiny, "--no-progress", "--jobs", "1", "--out", "out1"]) == 0
+    # the entry point in its own process, with a pool of two workers that keep
+    # their progress bars on (one lock; tqdm draws nothing as stderr is no terminal)
+    proc = _run(tmp_path, *tiny, "--jobs", "2", "--out", "out2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 runs, 2 at a time" in proc.stdout + proc.stderr
     for jobs in ("1", "2"):
-        # the parallel run keeps its progress bars on (shared lock, one line each;
-        # tqdm draws nothing here as stderr is not a terminal)
-        progress = ("--no-progress",) if jobs == "1" else ()
-        proc = _run(tmp_path, *tiny, *progress, "--jobs", jobs, "--out", f"out{jobs}")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert f"4 runs, {jobs} at a time" in proc.stdout + proc.stderr
         payload = json.loads((tmp_path / f"out{jobs}" / "results.json").read_text())
         assert payload["jobs"] == int(jobs)
         runs[jobs] = [
@@ -155,6 +172,7 @@ def test_results_do_not_depend_on_jobs(tmp_path: Path) -> None:
     assert [spec["seed"] for spec, *_ in runs["2"]] == [0, 1, 0, 1]  # grid order
     assert runs["1"] == runs["2"]  # bit for bit
     erk = payload["runs"][0]
+    assert [step for step, *_ in erk["mask_events"]] == [0, 4, 8]
     assert list(erk["layer_density"]) == [
         "conv1.weight",
         "conv2.weight",
