@@ -23,6 +23,7 @@ __all__ = [
     "INITIAL_STATE",
     "NON_ELEMENTWISE",
     "fix_state_order",
+    "is_state_init_step",
     "param_groups_of",
     "reset_state",
     "unwrap_optimizer",
@@ -73,6 +74,25 @@ def unwrap_optimizer(optimizer: object) -> torch.optim.Optimizer:
         f"Expected a torch.optim.Optimizer (or a wrapper holding one as "
         f".optimizer or ._optimizer), got {type(optimizer).__name__}."
     )
+
+
+def is_state_init_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the step about to run only creates the optimizer's state.
+
+    ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict`` and
+    ``set_optimizer_state_dict`` fill in the state of an optimizer that has none
+    by one ``step()`` with every gradient zero and every learning rate 0 (so
+    do frameworks built on them, such as Lightning's ModelParallelStrategy
+    when it restores a checkpoint). That is not a training step: sparsetorch
+    neither counts it nor lets it end anything a load is still to finish.
+    """
+    if optimizer.state:
+        return False
+    groups = optimizer.param_groups
+    if not all(float(g.get("lr", 1.0)) == 0.0 for g in groups):
+        return False
+    grads = [p.grad for g in groups for p in g["params"] if p.grad is not None]
+    return bool(grads) and not any(bool(local(grad).any()) for grad in grads)
 
 
 def param_groups_of(optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:

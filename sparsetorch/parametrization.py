@@ -154,8 +154,10 @@ class MaskParametrization(nn.Module):
         self.active = (weakref.ref(self.mask), self.mask._version, positions)
 
     def forward(self, X: Tensor) -> Tensor:
-        if self.sharded:
-            return X  # FSDP's all-gathered copy of shards kept zero outside the mask
+        if self.sharded or local(X) is not X:
+            # FSDP's all-gathered copy of shards kept zero outside the mask, or
+            # (module.weight read outside the forward) the sharded DTensor itself.
+            return X
         if not torch.compiler.is_compiling():
             param = None if self._param is None else self._param()
             if X is not param:

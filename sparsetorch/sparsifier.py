@@ -139,6 +139,9 @@ class Sparsifier:
         #: Whether :meth:`prune_at_init` chose the masks (SNIP).
         self.pruned_at_init = False
         self._removed = False
+        #: The optimizer whose step now is ``torch.distributed.checkpoint``
+        #: initializing its state (not counted), if any.
+        self._state_init_step: torch.optim.Optimizer | None = None
         #: Whether FSDP2 sharded the weights (``fully_shard`` after ``sparsify``):
         #: the masks are then DTensors sharded like them.
         self.sharded = False
@@ -295,6 +298,10 @@ class Sparsifier:
     def _before_optimizer_step(
         self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
     ) -> None:
+        if _optim.is_state_init_step(optimizer):
+            # torch.distributed.checkpoint filling in the state: not a step.
+            self._state_init_step = optimizer
+            return
         self._check_pruned_at_init()
         if self._stash:
             self._stash.clear()  # training moves on: nothing to restore any more
@@ -405,6 +412,9 @@ class Sparsifier:
     def _on_optimizer_step(
         self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
     ) -> None:
+        if self._state_init_step is optimizer:
+            self._state_init_step = None
+            return
         self._count()
 
     def _arm(self) -> None:

@@ -628,3 +628,32 @@ def test_fsdp_example_runs_under_torchrun_on_4_processes(tmp_path: Path) -> None
         assert fields[0] == str(rank) and fields[2] == "2", line
         assert fields[3:5] == ["22.0", "88.0"], line
     assert lines[-1].endswith("masks restored on every shard: True")
+
+
+def test_dcp_filling_in_the_optimizer_state_is_not_a_training_step() -> None:
+    """``get_optimizer_state_dict`` steps an optimizer without state once (zero
+    gradients, lr 0) to create it: not counted, and a load in progress survives."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model, sparsifier, optimizer, _ = train(1, 0, "rigl", steps=range(SAVE_AT))
+    saved = {
+        "model": model.state_dict(),
+        "optim": get_optimizer_state_dict(model, optimizer),
+        "sparsity": sparsifier.state_dict(),
+    }
+    fresh = build(seed=1)
+    resumed = sparsified(fresh, seed=5)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.05, weight_decay=0.1)
+    resumed.attach_optimizer(fresh_optimizer)
+    fresh.load_state_dict(saved["model"])  # weights first: masked, values kept
+    template = get_optimizer_state_dict(fresh, fresh_optimizer)  # a fake step
+    assert resumed.step_count == 0 and fresh_optimizer.state
+    set_optimizer_state_dict(fresh, fresh_optimizer, saved["optim"])
+    resumed.load_state_dict(saved["sparsity"])
+    assert resumed.step_count == SAVE_AT and len(template["state"]) == 6
+    for fqn, param in sparsifier.topology.params.items():
+        assert torch.equal(resumed.topology.params[fqn], param), fqn
+        assert torch.equal(resumed.masks[fqn], sparsifier.masks[fqn]), fqn

@@ -517,7 +517,7 @@ def test_a_strategy_restoring_after_setup_is_refused():
         str(info.value),
         """\
 SparseTraining does not support the Late strategy: it shards the weights or restores checkpoints after wrapping the module, and sparsetorch keeps whole local tensors whose masks must exist before the weights load.
-Use strategy="ddp" (or a single device).""",
+Use strategy="ddp" (or a single device); for FSDP2, ModelParallelStrategy with fully_shard in configure_model.""",
     )
     assert not any(
         "parametrizations" in name for name in module.state_dict(keep_vars=True)
@@ -638,6 +638,105 @@ def _ddp_main(out: Path) -> None:
     torch.save(state, out / f"wrapper_rank{t.global_rank}.pt")
 
 
+# -- FSDP2: ModelParallelStrategy, 2 CPU processes on gloo ---------------------------
+
+
+class ShardedTiny(Tiny):
+    """Tiny, sharded with FSDP2 in ``configure_model`` (ModelParallelStrategy)."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in (self.net[0], self.net[2]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
+def _whole(t: Tensor) -> Tensor:
+    full = t.full_tensor() if hasattr(t, "full_tensor") else t
+    return full.detach().clone()
+
+
+def test_model_parallel_strategy_trains_sharded_and_resumes_exactly(
+    tmp_path: Path,
+):
+    """FSDP2 through Lightning: masks sharded like the weights, zeros outside them
+    in weight and optimizer-state shards, ranks agreeing, and a run resumed from
+    a distributed checkpoint ending bit-equal to the uninterrupted one."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    env.pop("MASTER_PORT", None)
+    proc = subprocess.run(
+        [sys.executable, __file__, "fsdp2", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = {
+        (tag, rank): torch.load(tmp_path / f"{tag}_rank{rank}.pt", weights_only=True)
+        for tag in ("uninterrupted", "resumed")
+        for rank in (0, 1)
+    }
+    full = runs["uninterrupted", 0]
+    # 96 examples, 8 per batch per rank: 6 steps an epoch, 3 epochs; end_step 13
+    assert full["sharded"] and full["updates"] == 3
+    for tag in ("uninterrupted", "resumed"):
+        for rank in (0, 1):
+            run = runs[tag, rank]
+            assert run["outside"] == 0, (tag, rank)  # weight and state shards
+            assert_same(run["masks"], full["masks"], f"{tag} rank {rank}")
+            assert_same(run["weights"], full["weights"], f"{tag} rank {rank}")
+
+
+def _fsdp2_main(out: Path) -> None:
+    """Both ranks: an uninterrupted run and one resumed from its epoch-0
+    checkpoint (a distributed checkpoint folder), under ModelParallelStrategy."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    torch.set_num_threads(1)
+
+    def run(tag: str, seed: int, ckpt: Path | None) -> None:
+        module, cb = ShardedTiny(optimizer="adam", seed=seed), sparse()
+        save = ModelCheckpoint(dirpath=out, save_top_k=-1, filename="{epoch}")
+        t = trainer(
+            [cb, save],
+            max_epochs=3,
+            devices=2,
+            strategy=ModelParallelStrategy(
+                data_parallel_size=2, tensor_parallel_size=1
+            ),
+            enable_checkpointing=True,
+        )
+        t.fit(module, loader(96), ckpt_path=ckpt)
+        sparsifier = cb.sparsifier
+        assert sparsifier is not None
+        optimizer = t.optimizers[0]
+        outside = 0
+        for fqn, param in sparsifier.topology.params.items():
+            off = ~sparsifier.masks[fqn].to_local()  # type: ignore[attr-defined]
+            for value in (param, *optimizer.state[param].values()):
+                if isinstance(value, Tensor) and value.shape == param.shape:
+                    outside += int(value.to_local()[off].count_nonzero())  # type: ignore[attr-defined]
+        state = {
+            "sharded": sparsifier.sharded,
+            "updates": sparsifier.update_count,
+            "masks": {f: _whole(m) for f, m in sparsifier.masks.items()},
+            "weights": {f: _whole(p) for f, p in sparsifier.topology.params.items()},
+            "outside": outside,
+        }
+        torch.save(state, out / f"{tag}_rank{t.global_rank}.pt")
+
+    run("uninterrupted", 0, None)
+    run("resumed", 1, out / "epoch=0.ckpt")
+
+
 # -- the example, on the real data ------------------------------------------------
 
 
@@ -670,4 +769,7 @@ def test_example_quick_run_on_real_fashion_mnist(tmp_path: Path):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["ddp"]:
     _ddp_main(Path(sys.argv[2]))
+    exit_worker()
+if __name__ == "__main__" and sys.argv[1:2] == ["fsdp2"]:
+    _fsdp2_main(Path(sys.argv[2]))
     exit_worker()

@@ -44,10 +44,11 @@ from sparsetorch.topology import select_tensors
 
 __all__ = ["SparseTraining"]
 
-#: Strategies whose order of events sparsetorch cannot follow: they shard the
-#: weights (sparsetorch keeps whole local tensors) and restore checkpoints after
-#: wrapping the module.
-_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+#: Strategies sparsetorch cannot follow: FSDP1 and DeepSpeed shard the weights
+#: into flat parameters. (ModelParallelStrategy, FSDP2, works: the module is
+#: sparsified whole in ``setup``, sharded in ``configure_model``, and the masks
+#: follow the shards.)
+_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
 
 
 class SparseTraining(SparsifyArguments, Callback):
@@ -109,8 +110,10 @@ class SparseTraining(SparsifyArguments, Callback):
         itop: track and log the ITOP rate. Default: ``False``.
 
     Raises:
-        RuntimeError: at ``setup``, under a sharded strategy (FSDP, DeepSpeed,
-            model parallel), or when this callback already trained another
+        RuntimeError: at ``setup``, under FSDP1 (``FSDPStrategy``), DeepSpeed
+            or another strategy restoring checkpoints after setup
+            (``ModelParallelStrategy``, FSDP2, works), or when this callback
+            already trained another
             module; at ``on_fit_start``, when tensors appeared after ``setup``
             (built in ``configure_model``).
         ValueError: at ``setup``, the arguments as :func:`sparsetorch.sparsify`
@@ -210,16 +213,18 @@ class SparseTraining(SparsifyArguments, Callback):
                 "trainer.fit(model, ckpt_path=...)."
             )
         strategy = type(trainer.strategy)
-        if (
-            any(cls.__name__ in _SHARDED_STRATEGIES for cls in strategy.__mro__)
-            or trainer.strategy.restore_checkpoint_after_setup
+        names = {cls.__name__ for cls in strategy.__mro__}
+        if names & set(_SHARDED_STRATEGIES) or (
+            trainer.strategy.restore_checkpoint_after_setup
+            and "ModelParallelStrategy" not in names
         ):
             raise RuntimeError(
                 f"SparseTraining does not support the {strategy.__name__} "
                 "strategy: it shards the weights or restores checkpoints after "
                 "wrapping the module, and sparsetorch keeps whole local tensors "
                 "whose masks must exist before the weights load.\n"
-                'Use strategy="ddp" (or a single device).'
+                'Use strategy="ddp" (or a single device); for FSDP2, '
+                "ModelParallelStrategy with fully_shard in configure_model."
             )
         self._sparsifier = self._sparsify_model(pl_module)
         self._module = pl_module
@@ -286,7 +291,9 @@ class SparseTraining(SparsifyArguments, Callback):
         if self._sparsifier is None:
             return {}
         return {
-            "sparsifier": self._sparsifier.state_dict(),
+            # Under ModelParallelStrategy (FSDP2) the masks are gathered whole:
+            # Lightning saves the callbacks' state from rank 0 alone.
+            "sparsifier": self._sparsifier.state_dict(sharded=False),
             "total_steps": self._run_steps,
         }
 
