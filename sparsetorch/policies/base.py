@@ -202,6 +202,19 @@ class CountContext:
     skip: frozenset[str] = frozenset()
 
 
+def check_fraction(name: str, value: object, meaning: str) -> None:
+    """Raise unless ``value``, a policy's field ``name``, is a float in [0, 1).
+
+    Raises:
+        TypeError: not a float (or int).
+        ValueError: outside [0, 1); ``meaning`` says what the field is.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {value!r}.")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}.\n{meaning}")
+
+
 POLICIES: dict[str, type[Policy]] = {}
 
 P = TypeVar("P", bound=type[Policy])

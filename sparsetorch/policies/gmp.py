@@ -10,7 +10,12 @@ import torch
 from torch import Tensor
 
 from sparsetorch.distributions import active_count
-from sparsetorch.policies.base import CountContext, Policy, register_policy
+from sparsetorch.policies.base import (
+    CountContext,
+    Policy,
+    check_fraction,
+    register_policy,
+)
 from sparsetorch.schedule import Schedule
 
 __all__ = ["GMP", "pruning_steps"]
@@ -63,14 +68,11 @@ class GMP(Policy):
     initial_sparsity: float = 0.0
 
     def __post_init__(self) -> None:
-        value = self.initial_sparsity
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"initial_sparsity must be a float, got {value!r}.")
-        if not 0.0 <= value < 1.0:
-            raise ValueError(
-                f"initial_sparsity must be in [0, 1), got {value!r}.\n"
-                "It is the sparsity GMP starts from: 0.0 starts dense."
-            )
+        check_fraction(
+            "initial_sparsity",
+            self.initial_sparsity,
+            "It is the sparsity GMP starts from: 0.0 starts dense.",
+        )
 
     def initial_sparsities(self, sparsities: Mapping[str, float]) -> dict[str, float]:
         """``min(initial_sparsity, s_f)`` per tensor: pruning never grows."""

@@ -11,7 +11,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from sparsetorch.policies.base import CountContext, Policy, register_policy
+from sparsetorch.policies.base import (
+    CountContext,
+    Policy,
+    check_fraction,
+    register_policy,
+)
 
 __all__ = ["SNFS", "redistribute"]
 
@@ -93,15 +98,12 @@ class SNFS(Policy):
     momentum: float = 0.9
 
     def __post_init__(self) -> None:
-        value = self.momentum
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"momentum must be a float, got {value!r}.")
-        if not 0.0 <= value < 1.0:
-            raise ValueError(
-                f"momentum must be in [0, 1), got {value!r}.\n"
-                "It is the decay of the moving average of the dense gradient "
-                "(the paper uses 0.9)."
-            )
+        check_fraction(
+            "momentum",
+            self.momentum,
+            "It is the decay of the moving average of the dense gradient (the "
+            "paper uses 0.9).",
+        )
 
     def accumulate_grad(self, running: Tensor | None, grad: Tensor) -> Tensor:
         """``M = momentum * M + (1 - momentum) * grad`` (in place after the first)."""
