@@ -40,7 +40,16 @@ from sparsetorch.policies import base
 if TYPE_CHECKING:
     from sparsetorch.topology import Topology
 
-__all__ = ["Shard", "adopt_sharding", "is_sharded", "top_sharded", "update_sharded"]
+__all__ = [
+    "Shard",
+    "adopt_sharding",
+    "like_rows",
+    "local_rows",
+    "shard_of",
+    "sum_over_ranks",
+    "top_sharded",
+    "update_sharded",
+]
 
 _BINS = 256
 
@@ -51,18 +60,11 @@ def _dtensor_module() -> Any:
     return sys.modules.get("torch.distributed.tensor")
 
 
-def is_dtensor(tensor: object) -> bool:
-    """Whether ``tensor`` is a DTensor (without importing DTensor's module)."""
-    module = _dtensor_module()
-    return module is not None and isinstance(tensor, module.DTensor)
-
-
 @dataclass(frozen=True)
 class Shard:
     """Where this rank's shard of a dim-0-sharded tensor lies in its flat order."""
 
     offset: int  #: flat position of the shard's first element
-    numel: int  #: elements in the shard
     total: int  #: elements in the whole tensor
     group: Any  #: the process group of the mesh
 
@@ -92,12 +94,7 @@ def shard_of(fqn: str, param: Tensor) -> Shard:
     shard = local(param)
     row = math.prod(param.shape[1:])
     assert shard.shape[0] == max(0, min(per_rank, rows - first)), (fqn, shard.shape)
-    return Shard(first * row, shard.numel(), param.numel(), mesh.get_group())
-
-
-def is_sharded(topology: Topology) -> bool:
-    """Whether the topology's masks follow FSDP2 shards."""
-    return any(p.sharded for p in topology.parametrizations.values())
+    return Shard(first * row, param.numel(), mesh.get_group())
 
 
 @torch.no_grad()
@@ -148,24 +145,6 @@ def adopt_sharding(topology: Topology, stash: Stash | None = None) -> bool:
             f"them dense: exclude={plain}."
         )
     return sharded
-
-
-def check_not_fsdp1(model: torch.nn.Module) -> None:
-    """Raise if FSDP1 (``FullyShardedDataParallel``) wraps ``model`` or a child."""
-    import sys
-
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    if fsdp is None:
-        return
-    for name, module in model.named_modules():
-        if isinstance(module, fsdp.FullyShardedDataParallel):
-            raise RuntimeError(
-                f"Module {name or '<root>'!r} is wrapped in FSDP1 "
-                "(FullyShardedDataParallel), whose flat parameters sparsetorch "
-                "cannot mask.\nUse FSDP2: sparsify(model, ...), then "
-                "fully_shard(...) on its blocks and on the root. See "
-                "docs/distributed.md."
-            )
 
 
 # -- selection on shards ------------------------------------------------------------

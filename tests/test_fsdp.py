@@ -202,7 +202,7 @@ def _top_worker(rank: int, out: str) -> None:
         n = scores.numel()
         per = -(-n // world)
         lo, hi = min(rank * per, n), min((rank + 1) * per, n)
-        shard = _fsdp.Shard(lo, hi - lo, n, None)
+        shard = _fsdp.Shard(lo, n, None)
         for k in (0, 1, n // 3, n // 2, n - 1, n):
             g = torch.Generator().manual_seed(k)
             chosen = _fsdp.top_sharded(scores[lo:hi], k, g, shard) + lo
