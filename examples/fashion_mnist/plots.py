@@ -107,8 +107,12 @@ def _dense(rows: Sequence[Row], model: str) -> Row | None:
     )
 
 
-def _dense_band(ax: Any, dense: Row | None) -> float:
-    """Draws dense's mean ± std as a band; returns the panel's floor."""
+def _dense_band(ax: Any, dense: Row | None, shown: Sequence[Row]) -> float:
+    """Draws dense's mean ± std as a band; returns the panel's floor.
+
+    The floor sits a point below the lowest mean of ``shown``, but no more than
+    15 points below dense: a run that collapsed is drawn on the floor instead.
+    """
     if dense is None:
         return -math.inf
     lo, hi = 100 * (dense.mean - dense.std), 100 * (dense.mean + dense.std)
@@ -116,7 +120,8 @@ def _dense_band(ax: Any, dense: Row | None) -> float:
     ax.axhline(
         100 * dense.mean, color="black", lw=1, label=f"dense {100 * dense.mean:.2f}"
     )
-    return 100 * dense.mean - 6.0
+    lowest = min((100 * r.mean for r in shown), default=100 * dense.mean)
+    return max(lowest - 1.0, 100 * dense.mean - 15.0)
 
 
 def _accuracy_plot(plt: Any, rows: Sequence[Row], path: Path) -> Path | None:
@@ -136,7 +141,7 @@ def _accuracy_plot(plt: Any, rows: Sequence[Row], path: Path) -> Path | None:
     )
     for ax, model in zip(axes[0], models, strict=True):
         mine = [r for r in _main_rows(rows, model) if r.policy != "dense"]
-        floor = _dense_band(ax, _dense(rows, model))
+        floor = _dense_band(ax, _dense(rows, model), mine)
         sparsities = sorted({r.target_sparsity for r in mine})
         policies = list(dict.fromkeys(r.policy for r in mine))
         labels: list[tuple[float, float, str, str]] = []
@@ -204,7 +209,7 @@ def _flops_plot(plt: Any, rows: Sequence[Row], path: Path) -> Path | None:
     )
     for ax, model in zip(axes[0], models, strict=True):
         mine = [r for r in rows if r.model == model and r.train_flops is not None]
-        floor = _dense_band(ax, _dense(rows, model))
+        floor = _dense_band(ax, _dense(rows, model), mine)
         sparsities = sorted({r.target_sparsity for r in mine if r.policy != "dense"})
         for r in mine:
             if r.policy == "dense":
@@ -251,6 +256,15 @@ def _flops_plot(plt: Any, rows: Sequence[Row], path: Path) -> Path | None:
                     alpha=0.6,
                 )
         ax.set_xscale("log")
+        ticks = [
+            t
+            for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+            if min(r.train_flops or 1 for r in mine) / 1.5
+            <= t
+            <= max(r.train_flops or 1 for r in mine) * 1.5
+        ]
+        ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+        ax.minorticks_off()
         if floor > -math.inf:
             ax.set_ylim(bottom=floor - 0.3)
         ax.set_xlabel("training FLOPs relative to dense training (1x), log scale")
@@ -312,10 +326,14 @@ def _density_plot(plt: Any, results: Sequence[RunResult], path: Path) -> Path | 
     panels = list(dict.fromkeys((r.spec.model, r.spec.sparsity) for r in chosen))
     if not panels:
         return None
+    cols = min(2, len(panels))
+    rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(
-        1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False
+        rows, cols, figsize=(5.5 * cols, 4.2 * rows), squeeze=False
     )
-    for ax, (model, sparsity) in zip(axes[0], panels, strict=True):
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (model, sparsity) in zip(axes.flat, panels, strict=False):
         runs = [
             r for r in chosen if (r.spec.model, r.spec.sparsity) == (model, sparsity)
         ]
