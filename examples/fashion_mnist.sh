@@ -3,7 +3,7 @@
 # (the Debian data package when missing, a venv with sparsetorch and its examples
 # extra, torch pinned by constraints.txt), then run it. Arguments go to the
 # application in examples/fashion_mnist/ (see its __init__.py, or --help), e.g.
-#   bash examples/fashion_mnist.sh            # the default run (~11 min on 2 cores)
+#   bash examples/fashion_mnist.sh            # the default run (~10 min on 2 cores)
 #   bash examples/fashion_mnist.sh --quick    # smoke test (< 1 min)
 #   bash examples/fashion_mnist.sh --full --out docs/results --report docs/results.md
 set -euo pipefail

@@ -1,7 +1,7 @@
 """The main job: sparse training on Fashion-MNIST, the RigL paper's comparison.
 
 Dense, static, SET, SNFS, RigL, SNIP and GMP at 90% and 98% sparsity (ERK, 3
-seeds) on LeNet-300-100 by default (about 11 minutes on 2 CPU cores); ``--full``
+seeds) on LeNet-300-100 by default (about 10 minutes on 2 CPU cores); ``--full``
 adds RigL 2x/5x (the same recipe for 2x/5x the steps), 2:4 and constant-fan-in
 RigL beside unstructured RigL at the same density, and LeNet-5, whose conv layers
 are sparse too. It prints a results table, comparisons with their standard

@@ -106,14 +106,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=(
             "Dense vs static, SET, SNFS, RigL, SNIP and GMP on Fashion-MNIST (no "
             "torchvision). With no flags: the method comparison on LeNet-300-100 "
-            "(~11 min on 2 CPU cores); --full adds RigL 2x/5x, 2:4 and "
+            "(~10 min on 2 CPU cores); --full adds RigL 2x/5x, 2:4 and "
             "constant-fan-in RigL, and LeNet-5. Flags naming models, policies, "
             "sparsities, ... run the grid they span instead."
         ),
     )
     grid = parser.add_argument_group("grid (default: the preset rows)")
     grid.add_argument(
-        "--full", action="store_true", help="every row of docs/results.md (~50 min)"
+        "--full",
+        action="store_true",
+        help="every row of docs/results.md (~40 min on 2 cores)",
     )
     grid.add_argument("--model", **_choices("model", MODELS))  # type: ignore[arg-type]
     grid.add_argument(

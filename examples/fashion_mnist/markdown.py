@@ -76,12 +76,13 @@ def render_markdown(
         "|---|---|---|---|---|---|---|---|",
     ]
     for model in models:
-        r = recipes.get(model, {})
+        recipe = recipes.get(model, {})
         lines.append(
-            f"| {TITLES.get(model, model)} | {r.get('epochs')} | "
-            f"{r.get('batch_size')} | {r.get('lr')} | {r.get('weight_decay')} | "
-            f"{r.get('update_interval')} | {r.get('drop_fraction')} (cosine "
-            f"decay) | {r.get('end_fraction')} of training |"
+            f"| {TITLES.get(model, model)} | {recipe.get('epochs')} | "
+            f"{recipe.get('batch_size')} | {recipe.get('lr')} | "
+            f"{recipe.get('weight_decay')} | {recipe.get('update_interval')} | "
+            f"{recipe.get('drop_fraction')} (cosine decay) | "
+            f"{recipe.get('end_fraction')} of training |"
         )
     lines += [
         "",
