@@ -23,6 +23,7 @@ One file per part:
 * ``config.py``: each model's recipe, a run's spec and result;
 * ``train.py``: one run: the training loop and the ``sparsify`` call;
 * ``grid.py``: which runs a sweep makes, and the pool of worker processes;
+* ``journal.py``: each finished run on disk, so ``--resume`` skips it;
 * ``report.py``: aggregation over seeds, the table, the comparisons, JSON;
 * ``plots.py`` and ``markdown.py``: the figures and the results page;
 * ``progress.py``: progress bars; ``cli.py``: the command line.

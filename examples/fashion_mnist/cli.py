@@ -24,11 +24,9 @@ from .config import (
     SPARSE_POLICIES,
     STRUCTURES,
     Recipe,
-    RunResult,
     RunSpec,
     UsageError,
     result_from_json,
-    result_to_json,
 )
 from .grid import (
     SPARSITIES,
@@ -40,6 +38,7 @@ from .grid import (
     usable_cores,
     with_seeds,
 )
+from .journal import Journal
 from .models import MODELS
 from .progress import say
 from .report import (
@@ -461,52 +460,6 @@ def _notes(args: argparse.Namespace) -> str:
         return str(args.notes.read_text())
     except OSError as exc:
         raise UsageError(f"--notes {args.notes}: {exc.strerror}") from None
-
-
-class Journal:
-    """Each finished run, one JSON line, so an interrupted sweep can resume.
-
-    A line is reused only for the same run spec, recipe and data.
-    """
-
-    def __init__(
-        self, path: Path, request: DataRequest, recipes: dict[str, Recipe]
-    ) -> None:
-        self.path = path
-        self.request = dataclasses.asdict(request)
-        self.recipes = {m: dataclasses.asdict(r) for m, r in recipes.items()}
-
-    def clear(self) -> None:
-        """Starts an empty journal."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")
-
-    def append(self, result: RunResult) -> None:
-        """Records one finished run."""
-        record = {
-            "request": self.request,
-            "recipe": self.recipes[result.spec.model],
-            "result": result_to_json(result),
-        }
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def load(self, grid: Sequence[RunSpec]) -> dict[RunSpec, RunResult]:
-        """The journal's runs that belong to ``grid`` under this recipe and data."""
-        if not self.path.is_file():
-            return {}
-        wanted = set(grid)
-        kept: dict[RunSpec, RunResult] = {}
-        for line in self.path.read_text().splitlines():
-            record = json.loads(line)
-            result = result_from_json(record["result"])
-            if (
-                result.spec in wanted
-                and record["request"] == self.request
-                and record["recipe"] == self.recipes.get(result.spec.model)
-            ):
-                kept[result.spec] = result
-        return kept
 
 
 def _argv(argv: Sequence[str] | None) -> list[str]:
