@@ -258,6 +258,24 @@ Within 2 s.e. of RigL: SET 90% on lenet300 (-0.03 +- 0.13).""",
     assert one_seed.verdict == "one seed: no standard error"
 
 
+def test_results_table() -> None:
+    rows = [
+        _row("dense", 0.0, 0.899, 0.898, 0.900, train_flops=1.0, inference_flops=1.0),
+        _row("rigl", 0.9, 0.893, 0.892, 0.894, train_flops=0.101, inference_flops=0.1),
+        _row("rigl", 0.9, 0.896, 0.897, 0.895, length=2, train_flops=0.202),
+        _row("rigl", 0.5, 0.894, 0.895, 0.896, distribution="uniform", structure="2:4"),
+    ]
+    assert_expected_inline(
+        report.format_table(rows).replace("\u00b1", "+-"),
+        """\
+model     method    distribution  target sparsity  overall sparsity  train FLOPs  infer FLOPs  test acc % (mean +- std)  vs dense  seeds  s/run
+lenet300  dense     -             0.00             0.0000            1.000x       1.000x       89.90 +- 0.10                       3      1.0
+lenet300  RigL      erk           0.90             0.9000            0.101x       0.100x       89.30 +- 0.10             -0.60     3      1.0
+lenet300  RigL 2x   erk           0.90             0.9000            0.202x       ?            89.60 +- 0.10             -0.30     3      1.0
+lenet300  RigL 2:4  uniform       0.50             0.5000            ?            ?            89.50 +- 0.10             -0.40     3      1.0""",
+    )
+
+
 def test_peer_claims_compare_best_allocations_and_like_for_like() -> None:
     def row(policy: str, dist: str, overall: float, *accs: float) -> object:
         return report.Row("lenet300", policy, dist, 0.9, overall, list(accs), 1.0)
