@@ -88,12 +88,17 @@ class RunSpec:
     @property
     def method(self) -> str:
         """The policy's name with its variant, e.g. ``"RigL 2x"``, ``"RigL 2:4"``."""
-        name = TITLES.get(self.policy, self.policy)
-        if self.structure != "none":
-            name += f" {self.structure}"
-        if self.length != 1:
-            name += f" {self.length}x"
-        return name
+        return method_name(self.policy, self.structure, self.length)
+
+
+def method_name(policy: str, structure: str, length: int) -> str:
+    """A row's method: the policy's title with its variant (``"RigL 2:4 2x"``)."""
+    name = TITLES.get(policy, policy)
+    if structure != "none":
+        name += f" {structure}"
+    if length != 1:
+        name += f" {length}x"
+    return name
 
 
 @dataclass

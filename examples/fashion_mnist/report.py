@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .config import TITLES, RunResult, result_to_json
+from .config import RunResult, method_name, result_to_json
 
 # What was tried to close RigL's gap to dense (historical); every report links to it
 GAP_NOTES = Path(__file__).resolve().parents[2] / "docs" / "results" / "gap.md"
@@ -52,12 +52,7 @@ class Row:
     @property
     def method(self) -> str:
         """The policy's name with its variant, e.g. ``"RigL 2x"``."""
-        name = TITLES.get(self.policy, self.policy)
-        if self.structure != "none":
-            name += f" {self.structure}"
-        if self.length != 1:
-            name += f" {self.length}x"
-        return name
+        return method_name(self.policy, self.structure, self.length)
 
     @property
     def name(self) -> str:
