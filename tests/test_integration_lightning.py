@@ -545,28 +545,34 @@ Call sparsifier.remove() first, or keep using the existing sparsifier.""",
 # -- DDP: 2 CPU processes on gloo ------------------------------------------------------
 
 
-def test_ddp_ranks_agree_and_resume_is_bit_exact(tmp_path: Path):
-    """strategy="ddp", 2 CPU ranks on gloo; also the placement without the callback."""
+def two_ranks(mode: str, tmp_path: Path, timeout: int) -> dict[Any, Any]:
+    """Run this file as ``mode`` (2 ranks under Lightning's launcher); load each
+    rank's uninterrupted and resumed results."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     env.pop("MASTER_PORT", None)
     proc = subprocess.run(
-        [sys.executable, __file__, "ddp", str(tmp_path)],
+        [sys.executable, __file__, mode, str(tmp_path)],
         capture_output=True,
         text=True,
         env=env,
         cwd=tmp_path,
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    runs = {
+    return {
         (tag, rank): torch.load(tmp_path / f"{tag}_rank{rank}.pt", weights_only=True)
         for tag in ("uninterrupted", "resumed")
         for rank in (0, 1)
     }
+
+
+def test_ddp_ranks_agree_and_resume_is_bit_exact(tmp_path: Path):
+    """strategy="ddp", 2 CPU ranks on gloo; also the placement without the callback."""
+    runs = two_ranks("ddp", tmp_path, timeout=120)
     full = runs["uninterrupted", 0]["state"]
     # 96 examples, 8 per batch per rank: 6 steps an epoch, 3 epochs; end_step 13
     assert (
@@ -664,26 +670,7 @@ def test_model_parallel_strategy_trains_sharded_and_resumes_exactly(
     """FSDP2 through Lightning: masks sharded like the weights, zeros outside them
     in weight and optimizer-state shards, ranks agreeing, and a run resumed from
     a distributed checkpoint ending bit-equal to the uninterrupted one."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    env.pop("MASTER_PORT", None)
-    proc = subprocess.run(
-        [sys.executable, __file__, "fsdp2", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    runs = {
-        (tag, rank): torch.load(tmp_path / f"{tag}_rank{rank}.pt", weights_only=True)
-        for tag in ("uninterrupted", "resumed")
-        for rank in (0, 1)
-    }
+    runs = two_ranks("fsdp2", tmp_path, timeout=300)
     full = runs["uninterrupted", 0]
     # 96 examples, 8 per batch per rank: 6 steps an epoch, 3 epochs; end_step 13
     assert full["sharded"] and full["updates"] == 3
