@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -98,12 +98,18 @@ def shard_of(fqn: str, param: Tensor) -> Shard:
 
 
 @torch.no_grad()
-def adopt_sharding(topology: Topology, stash: Stash | None = None) -> bool:
+def adopt_sharding(
+    topology: Topology,
+    stash: Stash | None = None,
+    check_first: Callable[[], None] | None = None,
+) -> bool:
     """Shard the masks of weights that ``fully_shard`` sharded since the last call.
 
     Cheap when nothing changed: one identity check per tensor. Returns whether
     the topology is sharded. ``stash`` keeps what masking a stale (loaded)
     shard cuts (:meth:`~sparsetorch.MaskParametrization.remask_shard`).
+    ``check_first`` runs before the first mask is sharded; if it raises (or
+    this does), nothing has changed.
 
     Raises:
         RuntimeError: a placement other than FSDP2's ``Shard(0)`` on a 1-D mesh,
@@ -113,8 +119,7 @@ def adopt_sharding(topology: Topology, stash: Stash | None = None) -> bool:
     entries = topology._entries
     if module is None:
         return False
-    sharded = False
-    plain = []
+    plain, follow = [], []
     for fqn, entry in entries.items():
         # (``entry.param`` by dict lookups: this runs before every optimizer step)
         plists = entry.module._modules["parametrizations"]
@@ -124,10 +129,23 @@ def adopt_sharding(topology: Topology, stash: Stash | None = None) -> bool:
         if not isinstance(param, module.DTensor):
             plain.append(fqn)
             continue
-        sharded = True
         current = None if p._param is None else p._param()
-        if p.sharded and current is param and not p.stale:
-            continue
+        if not (p.sharded and current is param and not p.stale):
+            follow.append((fqn, p, param))
+    sharded = len(plain) < len(entries)
+    if sharded and plain:
+        raise RuntimeError(
+            f"Some masked weights are sharded by FSDP2 and others are not: {plain} "
+            "are whole.\nApply fully_shard to every module holding a masked "
+            "weight (fully_shard(model) on the root covers the rest), or leave "
+            f"them dense: exclude={plain}."
+        )
+    new = [(fqn, param) for fqn, p, param in follow if not p.sharded]
+    for fqn, param in new:
+        shard_of(fqn, param)  # (raises for placements other than FSDP2's)
+    if new and check_first is not None:
+        check_first()
+    for fqn, p, param in follow:
         if not p.sharded:
             rows = local_rows(fqn, p.mask, param).to(local(param).device)
             p.mask = like_rows(rows, param)  # (CPU offload: where the shard is)
@@ -137,13 +155,6 @@ def adopt_sharding(topology: Topology, stash: Stash | None = None) -> bool:
         p.stash = stash
         p.attach(param)
         p.remask_shard()
-    if sharded and plain:
-        raise RuntimeError(
-            f"Some masked weights are sharded by FSDP2 and others are not: {plain} "
-            "are whole.\nApply fully_shard to every module holding a masked "
-            "weight (fully_shard(model) on the root covers the rest), or leave "
-            f"them dense: exclude={plain}."
-        )
     return sharded
 
 

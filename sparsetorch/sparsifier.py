@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -1144,41 +1145,12 @@ class Sparsifier:
 
     def _sync_sharding(self) -> None:
         """Follow ``fully_shard`` (FSDP2): shard the masks like their weights."""
-        if not self.sharded and not torch.distributed.is_initialized():
+        if not self.sharded and not (dist.is_available() and dist.is_initialized()):
             return  # (no process group: nothing can shard; this runs every step)
-        if _fsdp.adopt_sharding(self.topology, self._stash) and not self.sharded:
-            if self.topology.layouts:
-                raise RuntimeError(
-                    "Structured masks (N:M, constant fan-in) are not supported "
-                    "under FSDP2 yet: an update selects within groups on whole "
-                    "rows, with its own tie draws.\nTrain unstructured masks "
-                    "under fully_shard, or structured ones with "
-                    "DistributedDataParallel."
-                )
-            if self.policy.dense_grad_every_step:
-                raise RuntimeError(
-                    f"{type(self.policy).__name__} is not supported under FSDP2 "
-                    "yet (its running dense-gradient state is kept whole).\n"
-                    "Use RigL, SET or static masks under fully_shard, or train "
-                    "with DistributedDataParallel."
-                )
-            if self.execution != "mask":
-                raise RuntimeError(
-                    f'execution="{self.execution}" computes with compressed '
-                    "whole weights, which FSDP2 shards.\nUnder fully_shard, "
-                    "train in mask mode (the default): "
-                    'sparsifier.set_execution("mask") before sharding.'
-                )
-            ids = {id(p) for p in self.topology.params.values()}
-            for optimizer in self.optimizers:
-                held = (p for g in optimizer.param_groups for p in g["params"])
-                if not any(id(p) in ids for p in held):
-                    raise RuntimeError(
-                        f"The attached {type(optimizer).__name__} holds the "
-                        "weights from before fully_shard, which FSDP2 replaced "
-                        "by sharded ones.\nBuild the optimizer after fully_shard "
-                        "and attach it: sparsifier.attach_optimizer(optimizer)."
-                    )
+        if (
+            _fsdp.adopt_sharding(self.topology, self._stash, self._check_shardable)
+            and not self.sharded
+        ):
             self.sharded = True
             ever = self._mask_metrics.ever
             if ever is not None:  # the ITOP masks: this rank's rows too
@@ -1187,6 +1159,41 @@ class Sparsifier:
                     fqn: _fsdp.local_rows(fqn, e, params[fqn])
                     for fqn, e in ever.items()
                 }
+
+    def _check_shardable(self) -> None:
+        """Raise, before any mask is sharded, what cannot run under FSDP2."""
+        if self.topology.layouts:
+            raise RuntimeError(
+                "Structured masks (N:M, constant fan-in) are not supported "
+                "under FSDP2 yet: an update selects within groups on whole "
+                "rows, with its own tie draws.\nTrain unstructured masks "
+                "under fully_shard, or structured ones with "
+                "DistributedDataParallel."
+            )
+        if self.policy.dense_grad_every_step:
+            raise RuntimeError(
+                f"{type(self.policy).__name__} is not supported under FSDP2 "
+                "yet (its running dense-gradient state is kept whole).\n"
+                "Use RigL, SET or static masks under fully_shard, or train "
+                "with DistributedDataParallel."
+            )
+        if self.execution != "mask":
+            raise RuntimeError(
+                f'execution="{self.execution}" computes with compressed '
+                "whole weights, which FSDP2 shards.\nUnder fully_shard, "
+                "train in mask mode (the default): "
+                'sparsifier.set_execution("mask") before sharding.'
+            )
+        ids = {id(p) for p in self.topology.params.values()}
+        for optimizer in self.optimizers:
+            held = (p for g in optimizer.param_groups for p in g["params"])
+            if not any(id(p) in ids for p in held):
+                raise RuntimeError(
+                    f"The attached {type(optimizer).__name__} holds the "
+                    "weights from before fully_shard, which FSDP2 replaced "
+                    "by sharded ones.\nBuild the optimizer after fully_shard "
+                    "and attach it: sparsifier.attach_optimizer(optimizer)."
+                )
 
     def set_execution(self, execution: str) -> None:
         """Switch the masked ``nn.Linear`` layers to ``execution``.
